@@ -1,0 +1,139 @@
+"""`omni` command line: generate (and, later, serve, caption, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("omni")
+
+
+class _MediaAction(argparse.Action):
+    """Collect --image/--audio/--video in command-line order (that is the order the model sees)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = list(getattr(namespace, "media", None) or [])
+        items.append((self.dest, value))
+        namespace.media = items
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="Qwen2.5-Omni checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni", description="Streaming Qwen2.5-Omni inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer one prompt (text, images, audio, video) and stream the reply",
+                       description="Answer one prompt; the reply streams to the terminal token by token.")
+    g.add_argument("prompt", nargs="?", default="", help="the user's text")
+    g.add_argument("--image", action=_MediaAction, metavar="PATH", help="an image (repeatable)")
+    g.add_argument("--audio", action=_MediaAction, metavar="PATH", help="an audio file (repeatable)")
+    g.add_argument("--video", action=_MediaAction, metavar="PATH", help="a video file (repeatable)")
+    g.add_argument("--system", help="system prompt (default: Qwen2.5-Omni's own)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--greedy", action="store_true", help="no sampling: always the most likely token")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--use-audio-in-video", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed a video's sound track with its frames (default: on for videos with sound)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_model_args(g)
+    g.set_defaults(media=[])
+    return parser
+
+
+def resolve_model(path: str | None) -> Path:
+    """The checkpoint to run: the given directory, or the embedded default (built on first use)."""
+    if path:
+        return Path(path)
+    from omni import embedded
+
+    d = embedded.ensure()
+    print(embedded.BANNER.format(path=d), file=sys.stderr)
+    return d
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from omni.pipeline import GenerationResult, OmniModel
+    from omni.processor import MediaOptions
+    from omni.sampling import GREEDY
+    from omni.types import Audio, Image, Message, Text, Video
+
+    t0 = time.perf_counter()
+    model_dir = resolve_model(args.model)
+    model = OmniModel.load(model_dir, device=args.device, dtype=_dtype(args.dtype),
+                           options=MediaOptions(use_audio_in_video=args.use_audio_in_video))
+    t_load = time.perf_counter() - t0
+    parts = []
+    for kind, path in args.media:
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such file")
+        parts.append({"image": Image, "audio": Audio, "video": Video}[kind](path))
+    if args.prompt:
+        parts.append(Text(args.prompt))
+    if not parts:
+        raise UserError("nothing to answer: give a prompt and/or --image/--audio/--video")
+    messages = ([Message.of("system", args.system)] if args.system else []) + [Message("user", parts)]
+    t1 = time.perf_counter()
+    prompt = model.processor(messages)
+    t_proc = time.perf_counter() - t1
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
+    result = GenerationResult()
+    for ev in model.generate_text(prompt, args.max_new_tokens, GREEDY if args.greedy else None, gen, result):
+        if not args.json:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    timings = {"load_s": round(t_load, 4), "preprocess_s": round(t_proc, 4), **result.timings}
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+                          "finish_reason": result.finish_reason, "model": str(model_dir), "timings": timings}))
+    else:
+        sys.stdout.write("\n")
+        log.info("timings %s", timings)
+    return 0
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: one line, no traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="omni: %(message)s")
+    from omni.config import ConfigError
+    from omni.media import MediaError
+    from omni.tokenizer import TokenizerError
+    from omni.weights import CheckpointError
+
+    known = (UserError, MediaError, ConfigError, CheckpointError, TokenizerError)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except known as e:
+        if args.debug:
+            raise
+        print(f"omni: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omni: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""One model, one turn: processor -> encoders -> Thinker (-> Talker -> Token2Wav), as events.
+
+`OmniModel.load(dir)` builds every part on the meta device and loads the checkpoint
+strictly. `generate_text` streams the Thinker's tokens for one prompt; it holds no state
+between calls (the KV cache it allocates is its own).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from omni.config import OmniConfig
+from omni.processor import MediaOptions, Processor, Prompt
+from omni.sampling import SamplingParams, sample
+from omni.thinker import Thinker
+from omni.weights import Checkpoint, empty_params, load_module
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # the new text this token completes (may be "" inside a multi-byte character)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prompt_tokens: int = 0
+    finish_reason: str = "length"  # stop | length
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class OmniModel:
+    def __init__(self, path: Path, cfg: OmniConfig, thinker: Thinker, processor: Processor, device: torch.device,
+                 dtype: torch.dtype, generation: dict):
+        self.path, self.cfg, self.thinker, self.processor = path, cfg, thinker, processor
+        self.device, self.dtype = device, dtype
+        self.generation = generation
+        tok = processor.tok
+        self.stop_ids = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+             options: MediaOptions = MediaOptions()) -> "OmniModel":
+        path = Path(path)
+        cfg = OmniConfig.from_file(path)
+        device_t = torch.device(device)
+        dtype = dtype or default_dtype(device_t)
+        ckpt = Checkpoint(path)
+        with empty_params():
+            thinker = Thinker(cfg.thinker_config)
+        load_module(thinker, ckpt, "thinker.", dtype=dtype, device=device_t)
+        processor = Processor.from_dir(path, cfg.thinker_config, options)
+        gen_file = path / "generation_config.json"
+        generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+        return cls(path, cfg, thinker, processor, device_t, dtype, generation)
+
+    def default_sampling(self) -> SamplingParams:
+        """The checkpoint's generation_config.json, else Qwen2.5's usual chat settings."""
+        g = self.generation
+        return SamplingParams(temperature=float(g.get("temperature", 0.7)), top_k=int(g.get("top_k", 20)),
+                              top_p=float(g.get("top_p", 0.8)),
+                              repetition_penalty=float(g.get("repetition_penalty", 1.05)))
+
+    @torch.inference_mode()
+    def embed_prompt(self, prompt: Prompt) -> torch.Tensor:
+        """Token embeddings with encoder outputs in place: (1, L, D)."""
+        th, dev = self.thinker, self.device
+        image = video = audio = None
+        if prompt.pixel_values is not None:
+            image = th.encode_images(prompt.pixel_values.to(dev), prompt.image_grid_thw.to(dev))
+        if prompt.pixel_values_videos is not None:
+            video = th.encode_images(prompt.pixel_values_videos.to(dev), prompt.video_grid_thw.to(dev))
+        if prompt.audio_features is not None:
+            audio = th.encode_audio(prompt.audio_features.to(dev), prompt.audio_feature_lens.to(dev))
+        return th.embed(prompt.input_ids[None].to(dev), image, video, audio)
+
+    @torch.inference_mode()
+    def generate_text(self, prompt: Prompt, max_new_tokens: int = 256, sampling: SamplingParams | None = None,
+                      generator: torch.Generator | None = None, result: GenerationResult | None = None
+                      ) -> Iterator[TokenEvent]:
+        """Stream the Thinker's reply to `prompt`; fills `result` (if given) as it goes."""
+        sampling = sampling or self.default_sampling()
+        result = result if result is not None else GenerationResult()
+        result.prompt_tokens = len(prompt)
+        th, dev = self.thinker, self.device
+        t0 = time.perf_counter()
+        cache = th.model.allocate_cache(1, len(prompt) + max_new_tokens)
+        slots = torch.zeros(1, dtype=torch.long)
+        embeds = self.embed_prompt(prompt)
+        t_enc = time.perf_counter()
+        hidden = th(embeds, prompt.positions[:, None].to(dev), cache, slots)
+        logits = th.lm_head(hidden[:, -1])
+        seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=dev)
+        seen[0, prompt.input_ids.to(dev)] = True
+        decoder = _Detokenizer(self.processor.tok)
+        pos = prompt.next_position
+        t_first = None
+        for step in range(max_new_tokens):
+            token = sample(logits, sampling, generator, seen)
+            tid = int(token)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tid in self.stop_ids:
+                result.finish_reason = "stop"
+                break
+            seen[0, tid] = True
+            result.token_ids.append(tid)
+            piece = decoder.push(tid)
+            result.text += piece
+            yield TokenEvent(tid, piece)
+            if step == max_new_tokens - 1:
+                break
+            positions = torch.full((3, 1, 1), pos, dtype=torch.long, device=dev)
+            pos += 1
+            hidden = th(th.model.embed_tokens(token.view(1, 1)), positions, cache, slots)
+            logits = th.lm_head(hidden[:, -1])
+        t_end = time.perf_counter()
+        n = len(result.token_ids)
+        result.timings = {
+            "encode_s": round(t_enc - t0, 4),
+            "time_to_first_token_s": round((t_first or t_end) - t0, 4),
+            "total_s": round(t_end - t0, 4),
+            "decode_tokens_per_s": round((n - 1) / (t_end - t_first), 2) if t_first and n > 1 and t_end > t_first else 0.0,
+        }
+
+
+class _Detokenizer:
+    """Incremental decoding that never splits a multi-byte character."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.emitted = tok, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

@@ -1,0 +1,180 @@
+"""Chat messages -> token ids with expanded placeholders, encoder inputs and TMRoPE positions.
+
+The chat layout is Qwen2.5-Omni's template, rendered here rather than through Jinja:
+
+    <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{parts}<|im_end|>\n<|im_start|>assistant\n
+
+with an image as `<|vision_bos|><|IMAGE|><|vision_eos|>`, audio as `<|audio_bos|><|AUDIO|><|audio_eos|>`,
+a video as `<|vision_bos|><|VIDEO|><|vision_eos|>`; each single placeholder is then expanded
+to one token per encoder output, and a video with its audio becomes
+`<|vision_bos|><|audio_bos|>` + 2 s chunks of video tokens then audio tokens + `<|audio_eos|><|vision_eos|>`
+(`omni.rope.placeholder_ids`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoders import features
+from encoders.audio import audio_token_count
+from omni import media
+from omni.config import ThinkerConfig
+from omni.rope import MediaSpec, RopeTokens, placeholder_ids, rope_positions
+from omni.tokenizer import TextTokenizer
+from omni.types import Audio, Image, Message, Text, Video
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+
+
+@dataclass
+class Prompt:
+    """Everything the Thinker needs for one prefill."""
+
+    input_ids: torch.Tensor  # (L,) int64
+    positions: torch.Tensor  # (3, L) int64 TMRoPE positions
+    next_position: int  # rotary position of the first generated token
+    media: list[MediaSpec] = field(default_factory=list)  # in prompt order
+    pixel_values: torch.Tensor | None = None  # (N_patches, C*2*14*14) images
+    image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None  # (n_videos, 3)
+    video_second_per_grid: list[float] = field(default_factory=list)
+    audio_features: torch.Tensor | None = None  # (n_mels, total_frames) clips concatenated
+    audio_feature_lens: torch.Tensor | None = None  # (n_clips,)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    image_min_pixels: int = features.IMAGE_MIN_PIXELS
+    image_max_pixels: int = features.IMAGE_MAX_PIXELS
+    video_fps: float = 2.0
+    video_max_frames: int | None = None
+    video_max_pixels: int | None = None
+    use_audio_in_video: bool | None = None  # None: on for videos with sound
+
+
+class Processor:
+    def __init__(self, tokenizer: TextTokenizer, cfg: ThinkerConfig, options: MediaOptions = MediaOptions()):
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.options = options
+        self.rope = RopeTokens.from_config(cfg)
+        vc = cfg.vision_config
+        self.merge = vc.spatial_merge_size
+        self.patch_size = vc.patch_size
+        self.temporal_patch_size = vc.temporal_patch_size
+        t = tokenizer.token_id
+        self.ids = {name: t(name) for name in (
+            "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+            "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>")}
+        for name, want in (("<|IMAGE|>", cfg.image_token_index), ("<|VIDEO|>", cfg.video_token_index),
+                           ("<|AUDIO|>", cfg.audio_token_index)):
+            if self.ids[name] != want:
+                raise ValueError(f"tokenizer id of {name} is {self.ids[name]} but config.json says {want}")
+
+    @classmethod
+    def from_dir(cls, path: str | Path, cfg: ThinkerConfig, options: MediaOptions = MediaOptions()) -> "Processor":
+        return cls(TextTokenizer.from_dir(path), cfg, options)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """The chat template, with one placeholder token per media part."""
+        out = []
+        if not messages or messages[0].role != "system":
+            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
+        for m in messages:
+            out.append(f"<|im_start|>{m.role}\n")
+            for p in m.content:
+                if isinstance(p, Text):
+                    out.append(p.text)
+                elif isinstance(p, Image):
+                    out.append("<|vision_bos|><|IMAGE|><|vision_eos|>")
+                elif isinstance(p, Audio):
+                    out.append("<|audio_bos|><|AUDIO|><|audio_eos|>")
+                elif isinstance(p, Video):
+                    out.append("<|vision_bos|><|VIDEO|><|vision_eos|>")
+                else:
+                    raise TypeError(f"unknown message part {type(p).__name__}")
+            out.append("<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    def __call__(self, messages: list[Message], add_generation_prompt: bool = True, start: int = 0) -> Prompt:
+        """Tokenise, decode and featurise media, expand placeholders, compute positions from `start`."""
+        images, videos, audios = [], [], []  # featurised, in prompt order
+        specs: list[MediaSpec] = []
+        for m in messages:
+            for p in m.content:
+                if isinstance(p, Image):
+                    img = p.source if isinstance(p.source, np.ndarray) else media.load_image(p.source)
+                    pv, grid = features.patchify_image(
+                        img, min_pixels=self.options.image_min_pixels, max_pixels=self.options.image_max_pixels,
+                        patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge)
+                    images.append((pv, grid))
+                    specs.append(MediaSpec("image", grid_thw=tuple(int(x) for x in grid)))
+                elif isinstance(p, Audio):
+                    wav = p.source if isinstance(p.source, np.ndarray) else media.load_audio(p.source)
+                    mel = features.log_mel(wav)
+                    audios.append(mel)
+                    specs.append(MediaSpec("audio", audio_tokens=audio_token_count(mel.shape[-1])))
+                elif isinstance(p, Video):
+                    v = media.load_video(p.source, fps=self.options.video_fps, max_frames=self.options.video_max_frames,
+                                         max_pixels=self.options.video_max_pixels)
+                    pv, grid = features.patchify_video(
+                        v.frames, patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+                        merge_size=self.merge)
+                    use_audio = p.use_audio if p.use_audio is not None else self.options.use_audio_in_video
+                    if use_audio is None:
+                        use_audio = v.audio is not None and len(v.audio) > 0
+                    if use_audio and (v.audio is None or len(v.audio) == 0):
+                        raise media.MediaError(f"{media.describe(p.source)}: use_audio_in_video is on but the video has no audio")
+                    n_audio = None
+                    if use_audio:
+                        mel = features.log_mel(v.audio)
+                        audios.append(mel)
+                        n_audio = audio_token_count(mel.shape[-1])
+                    videos.append((pv, grid, v.second_per_grid))
+                    specs.append(MediaSpec("video", grid_thw=tuple(int(x) for x in grid), audio_tokens=n_audio,
+                                           second_per_grid=v.second_per_grid, with_audio=use_audio))
+        ids = self.tok.encode(self.render(messages, add_generation_prompt))
+        ids = self._expand(ids, specs)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        positions, next_position = rope_positions(input_ids, specs, self.rope, start=start)
+        prompt = Prompt(input_ids=input_ids, positions=positions, next_position=next_position, media=specs)
+        if images:
+            prompt.pixel_values = torch.cat([pv for pv, _ in images])
+            prompt.image_grid_thw = torch.tensor([list(g) for _, g in images], dtype=torch.long).view(-1, 3)
+        if videos:
+            prompt.pixel_values_videos = torch.cat([pv for pv, _, _ in videos])
+            prompt.video_grid_thw = torch.tensor([list(g) for _, g, _ in videos], dtype=torch.long).view(-1, 3)
+            prompt.video_second_per_grid = [s for _, _, s in videos]
+        if audios:
+            prompt.audio_features = torch.cat(audios, dim=-1)
+            prompt.audio_feature_lens = torch.tensor([a.shape[-1] for a in audios], dtype=torch.long)
+        return prompt
+
+    def _expand(self, ids: list[int], specs: list[MediaSpec]) -> list[int]:
+        """Replace each `bos, placeholder, eos` triple by the item's full run of tokens, in prompt order."""
+        pads = {self.ids["<|IMAGE|>"], self.ids["<|VIDEO|>"], self.ids["<|AUDIO|>"]}
+        out: list[int] = []
+        it = iter(specs)
+        i = 0
+        while i < len(ids):
+            if ids[i] in pads:
+                out.pop()  # the bos, which placeholder_ids lays out again
+                out += placeholder_ids(next(it), self.rope)
+                i += 2  # past the eos
+            else:
+                out.append(ids[i])
+                i += 1
+        return out

@@ -1,0 +1,166 @@
+"""The Thinker: Qwen2 decoder with multimodal rotary positions, plus its encoders.
+
+`Decoder` is shared with the Talker (same layer shapes, its own config). Attribute names
+equal checkpoint keys: `thinker.model.*`, `thinker.lm_head`, `thinker.visual.*`,
+`thinker.audio_tower.*`. Forward passes take the KV cache, slots and positions explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoders.audio import AudioEncoder
+from encoders.vision import VisionEncoder
+from omni.cache import KVCache
+from omni.config import TalkerConfig, TextConfig, ThinkerConfig
+from omni.layers import GatedMLP, RMSNorm, apply_rotary
+
+
+class MRotary(nn.Module):
+    """Rotary frequencies for 3-component (t, h, w) positions; `mrope_section` splits head_dim/2."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int] | None):
+        super().__init__()
+        half = head_dim // 2
+        section = mrope_section or [half, 0, 0]
+        if sum(section) != half:
+            raise ValueError(f"mrope_section {section} must sum to head_dim/2 = {half}")
+        self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)),
+                             persistent=False)
+        # axis (0=t, 1=h, 2=w) that drives each frequency
+        self.register_buffer("axis", torch.repeat_interleave(torch.arange(3), torch.tensor(section)), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (3, B, T) -> cos, sin (B, 1, T, head_dim)."""
+        pos = positions.to(self.inv_freq.device).float()  # (3, B, T)
+        chosen = pos[self.axis]  # (half, B, T): the axis each frequency follows
+        freqs = chosen.permute(1, 2, 0) * self.inv_freq  # (B, T, half)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=True)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, starts, kv_len, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        idx = starts[:, None] + torch.arange(T, device=starts.device)  # (B, T) sequence indices
+        k_cache[slots[:, None], :, idx] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[slots[:, None], :, idx] = v.transpose(1, 2).to(v_cache.dtype)
+        keys = k_cache[slots, :, :kv_len]  # (B, nkv, S, hd)
+        values = v_cache[slots, :, :kv_len]
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig | TalkerConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.get_head_dim())
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, starts, kv_len, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, starts, kv_len, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Qwen2 decoder stack (`embed_tokens`, `layers.N`, `norm`) over a KV cache."""
+
+    def __init__(self, cfg: TextConfig | TalkerConfig, embed_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, embed_dim or cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = MRotary(cfg.get_head_dim(), cfg.get_rope_theta(), cfg.get_mrope_section())
+
+    def allocate_cache(self, n_slots: int, max_len: int, dtype=None, device=None) -> KVCache:
+        p = self.norm.weight
+        return KVCache.allocate(len(self.layers), n_slots, self.cfg.num_key_value_heads, max_len,
+                                self.cfg.get_head_dim(), dtype or p.dtype, device or p.device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                n_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append `x` to each slot's cache and return final-norm hidden states.
+
+        x (B, T, D) input embeddings; positions (3, B, T) rotary positions; slots (B,) cache slots;
+        n_valid (B,) how many of the T rows are real (right-padded batches; default all).
+        Returns (B, T, D). Advances cache.lengths[slots] by n_valid.
+        """
+        B, T, _ = x.shape
+        device = x.device
+        starts = cache.lengths[slots.cpu()]  # (B,) on CPU
+        n_valid = torch.full((B,), T, dtype=torch.long) if n_valid is None else n_valid.cpu()
+        ends = starts + n_valid
+        kv_len = int(starts.max()) + T
+        if kv_len > cache.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {cache.max_len}")
+        key_idx = torch.arange(kv_len)
+        q_idx = starts[:, None] + torch.arange(T)  # (B, T)
+        mask = (key_idx[None, None, :] <= q_idx[:, :, None]) & (key_idx[None, None, :] < ends[:, None, None])
+        mask = mask[:, None].to(device)  # (B, 1, T, S)
+        cos, sin = self.rotary(positions, x.dtype)
+        slots_d, starts_d = slots.to(device), starts.to(device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots_d, starts_d, kv_len, mask)
+        cache.lengths[slots.cpu()] = ends
+        return self.norm(x)
+
+
+class Thinker(nn.Module):
+    def __init__(self, cfg: ThinkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg.text_config)
+        self.lm_head = nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
+        self.visual = VisionEncoder(cfg.vision_config)
+        self.audio_tower = AudioEncoder(cfg.audio_config)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              video_embeds: torch.Tensor | None = None, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with encoder outputs scattered into their placeholders.
+
+        input_ids (B, T); *_embeds (N_placeholders, D) in prompt order. Returns (B, T, D).
+        """
+        x = self.model.embed_tokens(input_ids)
+        for token, feats, what in ((self.cfg.image_token_index, image_embeds, "image"),
+                                   (self.cfg.video_token_index, video_embeds, "video"),
+                                   (self.cfg.audio_token_index, audio_embeds, "audio")):
+            where = input_ids == token
+            n = int(where.sum())
+            have = 0 if feats is None else feats.shape[0]
+            if n != have:
+                raise ValueError(f"prompt has {n} {what} placeholder tokens but the encoder gave {have} features")
+            if n:
+                x = x.masked_scatter(where[..., None], feats.to(x.dtype))
+        return x
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), grid_thw)
+
+    def encode_audio(self, features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+        return self.audio_tower(features.to(self.audio_tower.conv1.weight.dtype), feature_lens)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                n_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds (B, T, D), positions (3, B, T) -> hidden (B, T, D) after the final norm.
+
+        Logits are `lm_head(hidden[...])` for the rows the caller needs (usually the last).
+        """
+        return self.model(embeds, positions, cache, slots, n_valid)

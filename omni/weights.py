@@ -1,0 +1,121 @@
+"""Strict loading of Qwen2.5-Omni safetensors checkpoints into our modules.
+
+Modules are built with their parameters on the meta device (`empty_params()`), then each
+checkpoint tensor is read once, cast, moved and assigned, so a 7B checkpoint is never
+materialised twice. Buffers that are computed rather than stored (rotary frequencies,
+filters) are created normally during construction. Loading is strict: a missing,
+unexpected or mis-shaped tensor raises `CheckpointError` naming the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class Checkpoint:
+    """Index of the tensors in a checkpoint directory: single file or shards."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            self.files = {k: self.dir / f for k, f in weight_map.items()}
+        elif single.exists():
+            with safe_open(single, "pt") as f:
+                self.files = {k: single for k in f.keys()}
+        else:
+            raise CheckpointError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        for f in set(self.files.values()):
+            if not f.exists():
+                raise CheckpointError(f"{self.dir}: shard {f.name} named in the index is missing")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.files if k.startswith(prefix))
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.files)
+
+    def read(self, keys: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Read tensors, opening each shard once."""
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        out = {}
+        for f, ks in by_file.items():
+            with safe_open(f, "pt", device=str(device)) as h:
+                for k in ks:
+                    out[k] = h.get_tensor(k)
+        return out
+
+
+@contextlib.contextmanager
+def empty_params():
+    """Build modules with parameters on the meta device; buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_module(
+    module: nn.Module,
+    ckpt: Checkpoint | str | Path,
+    prefix: str,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load every tensor under `prefix` into `module`, strictly; returns the module in eval mode."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = Checkpoint(ckpt)
+    expected = module.state_dict(keep_vars=True)
+    present = {k[len(prefix):]: k for k in ckpt.keys(prefix)}
+    missing = sorted(set(expected) - set(present))
+    unexpected = sorted(set(present) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{ckpt.dir}: missing tensor{'s' if len(missing) > 1 else ''} "
+            + ", ".join(prefix + k for k in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unexpected:
+        raise CheckpointError(
+            f"{ckpt.dir}: unexpected tensor{'s' if len(unexpected) > 1 else ''} "
+            + ", ".join(prefix + k for k in unexpected[:5]) + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+    tensors = ckpt.read(list(present.values()))
+    state = {}
+    for name, full in present.items():
+        t = tensors.pop(full)
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{ckpt.dir}: tensor {full} has shape {tuple(t.shape)}, expected {tuple(want.shape)}")
+        if t.is_floating_point():
+            t = t.to(dtype or want.dtype)
+        state[name] = t.to(device)
+    module.load_state_dict(state, strict=True, assign=True)
+    module.to(device)  # computed buffers
+    for name, p in module.named_parameters():
+        if p.is_meta:  # tied or shared parameters not in the state dict
+            raise CheckpointError(f"{ckpt.dir}: parameter {prefix}{name} was not loaded")
+    return module.eval()

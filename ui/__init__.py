@@ -1,0 +1,1 @@
+"""The Gradio web demo (issue: Gradio web demo)."""
