@@ -35,29 +35,36 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p on (B, V) float logits; removed entries become -inf."""
+def candidates(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution: (probs (B, k), token ids (B, k)), most likely first.
+
+    Top-k runs first and top-p then looks only at the k survivors (as transformers' warpers
+    do, since top-k leaves the rest at -inf), so a step costs a top-k, not a full-vocabulary sort.
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
     logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    k = p.top_k if 0 < p.top_k < logits.shape[-1] else logits.shape[-1]
+    vals, idx = torch.topk(logits, k, dim=-1)  # (B, k) descending
     if p.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= (1 - p.top_p)
-        remove_sorted[..., -1:] = False  # keep at least one
-        remove = remove_sorted.scatter(-1, idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+        probs = vals.softmax(-1)
+        above = probs.cumsum(-1) - probs  # mass strictly more likely than each candidate
+        drop = above >= p.top_p
+        drop[..., 0] = False  # keep at least one
+        vals = vals.masked_fill(drop, float("-inf"))
+    return vals.softmax(-1), idx
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    """logits (B, V) -> token ids (B,); `seen` (B, V) bool marks tokens for the repetition penalty."""
     if p.is_greedy:
+        logits = logits.float()
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
         return logits.argmax(-1)
-    probs = warp(logits, p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs, idx = candidates(logits, p, seen)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    return idx.gather(-1, choice).squeeze(-1)

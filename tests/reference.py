@@ -95,9 +95,11 @@ def sharpen(model, seed: int = 0) -> None:
         layer.self_attn.k_proj.weight.mul_(8)
         layer.self_attn.q_proj.bias.normal_(0, 0.5, generator=g)
         layer.self_attn.k_proj.bias.normal_(0, 0.5, generator=g)
-    for blk in visual.blocks:
-        blk.attn.q.weight.mul_(6)
-        blk.attn.k.weight.mul_(6)
+    for blk in visual.blocks:  # q/k x18 and v/proj x5: position bugs must move the vision output
+        blk.attn.q.weight.mul_(18)
+        blk.attn.k.weight.mul_(18)
+        blk.attn.v.weight.mul_(5)
+        blk.attn.proj.weight.mul_(5)
     visual.patch_embed.proj.weight.mul_(4)
     at = audio
     at.conv1.weight.mul_(6)
