@@ -115,53 +115,67 @@ class Processor:
         specs: list[MediaSpec] = []
         for m in messages:
             for p in m.content:
-                if isinstance(p, Image):
-                    img = p.source if isinstance(p.source, np.ndarray) else media.load_image(p.source)
-                    pv, grid = features.patchify_image(
-                        img, min_pixels=self.options.image_min_pixels, max_pixels=self.options.image_max_pixels,
-                        patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge)
-                    images.append((pv, grid))
-                    specs.append(MediaSpec("image", grid_thw=tuple(int(x) for x in grid)))
-                elif isinstance(p, Audio):
-                    wav = p.source if isinstance(p.source, np.ndarray) else media.load_audio(p.source)
-                    mel = features.log_mel(wav)
-                    audios.append(mel)
-                    specs.append(MediaSpec("audio", audio_tokens=audio_token_count(mel.shape[-1])))
-                elif isinstance(p, Video):
-                    v = media.load_video(p.source, fps=self.options.video_fps, max_frames=self.options.video_max_frames,
-                                         max_pixels=self.options.video_max_pixels)
-                    pv, grid = features.patchify_video(
-                        v.frames, patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
-                        merge_size=self.merge)
-                    use_audio = p.use_audio if p.use_audio is not None else self.options.use_audio_in_video
-                    if use_audio is None:
-                        use_audio = v.audio is not None and len(v.audio) > 0
-                    if use_audio and (v.audio is None or len(v.audio) == 0):
-                        raise media.MediaError(f"{media.describe(p.source)}: use_audio_in_video is on but the video has no audio")
-                    n_audio = None
-                    if use_audio:
-                        mel = features.log_mel(v.audio)
-                        audios.append(mel)
-                        n_audio = audio_token_count(mel.shape[-1])
-                    videos.append((pv, grid, v.second_per_grid))
-                    specs.append(MediaSpec("video", grid_thw=tuple(int(x) for x in grid), audio_tokens=n_audio,
-                                           second_per_grid=v.second_per_grid, with_audio=use_audio))
-        ids = self.tok.encode(self.render(messages, add_generation_prompt))
-        ids = self._expand(ids, specs)
+                if isinstance(p, Text):
+                    continue
+                try:
+                    specs.append(self._featurise(p, images, videos, audios))
+                except ValueError as e:  # featurisation limits (too small, bad shape): name the file
+                    if isinstance(e, media.MediaError):
+                        raise
+                    name = p.source if isinstance(p.source, (str, Path)) else type(p).__name__.lower()
+                    raise media.MediaError(f"{name}: {e}") from None
+        ids = self._expand(self.tok.encode(self.render(messages, add_generation_prompt)), specs)
         input_ids = torch.tensor(ids, dtype=torch.long)
         positions, next_position = rope_positions(input_ids, specs, self.rope, start=start)
         prompt = Prompt(input_ids=input_ids, positions=positions, next_position=next_position, media=specs)
         if images:
             prompt.pixel_values = torch.cat([pv for pv, _ in images])
-            prompt.image_grid_thw = torch.tensor([list(g) for _, g in images], dtype=torch.long).view(-1, 3)
+            prompt.image_grid_thw = torch.cat([g for _, g in images])
         if videos:
             prompt.pixel_values_videos = torch.cat([pv for pv, _, _ in videos])
-            prompt.video_grid_thw = torch.tensor([list(g) for _, g, _ in videos], dtype=torch.long).view(-1, 3)
+            prompt.video_grid_thw = torch.cat([g for _, g, _ in videos])
             prompt.video_second_per_grid = [s for _, _, s in videos]
         if audios:
             prompt.audio_features = torch.cat(audios, dim=-1)
             prompt.audio_feature_lens = torch.tensor([a.shape[-1] for a in audios], dtype=torch.long)
         return prompt
+
+    def _featurise(self, p: Image | Audio | Video, images: list, videos: list, audios: list) -> MediaSpec:
+        """Decode and featurise one media part, appending to the lists; returns its position spec."""
+        if isinstance(p, Image):
+            img = p.source if isinstance(p.source, np.ndarray) else media.load_image(p.source)
+            pv, grid = features.patchify_image(
+                img, min_pixels=self.options.image_min_pixels, max_pixels=self.options.image_max_pixels,
+                patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge)
+            images.append((pv, grid))
+            return MediaSpec("image", grid_thw=tuple(grid[0].tolist()))
+        if isinstance(p, Audio):
+            wav = p.source if isinstance(p.source, np.ndarray) else media.load_audio(p.source)
+            mel = features.log_mel(wav)
+            audios.append(mel)
+            return MediaSpec("audio", audio_tokens=audio_token_count(mel.shape[-1]))
+        if not isinstance(p, Video):
+            raise TypeError(f"unknown message part {type(p).__name__}")
+        limits = {k: v for k, v in (("max_frames", self.options.video_max_frames),
+                                    ("max_pixels", self.options.video_max_pixels)) if v}
+        v = media.load_video(p.source, fps=self.options.video_fps, **limits)
+        pv, grid = features.patchify_video(v.frames, patch_size=self.patch_size,
+                                           temporal_patch_size=self.temporal_patch_size, merge_size=self.merge)
+        has_audio = v.audio is not None and len(v.audio) > 0
+        use_audio = p.use_audio if p.use_audio is not None else self.options.use_audio_in_video
+        if use_audio is None:
+            use_audio = has_audio
+        if use_audio and not has_audio:
+            name = p.source if isinstance(p.source, (str, Path)) else "video"
+            raise media.MediaError(f"{name}: use_audio_in_video is on but the video has no audio track")
+        n_audio = None
+        if use_audio:
+            mel = features.log_mel(v.audio)
+            audios.append(mel)
+            n_audio = audio_token_count(mel.shape[-1])
+        videos.append((pv, grid, v.second_per_grid))
+        return MediaSpec("video", grid_thw=tuple(grid[0].tolist()), audio_tokens=n_audio,
+                         second_per_grid=v.second_per_grid, with_audio=use_audio)
 
     def _expand(self, ids: list[int], specs: list[MediaSpec]) -> list[int]:
         """Replace each `bos, placeholder, eos` triple by the item's full run of tokens, in prompt order."""

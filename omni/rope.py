@@ -79,7 +79,7 @@ class MediaSpec:
 
     kind: Literal["image", "video", "audio"]
     grid_thw: tuple[int, int, int] | None = None  # image/video patch grid, before the spatial merge
-    audio_tokens: int | None = None  # audio encoder tokens (see audio_tokens_for_frames); audio and audio-in-video
+    audio_tokens: int | None = None  # audio encoder tokens (encoders.audio.audio_token_count); audio and audio-in-video
     second_per_grid: float | None = None  # video: seconds per temporal grid (temporal_patch_size / fps; 1.0 at 2 fps)
     with_audio: bool = False  # video whose audio track is interleaved with it (use_audio_in_video)
 
@@ -108,15 +108,6 @@ class MediaSpec:
         if self.kind == "audio":
             return self.audio_tokens
         return self.vision_tokens(merge) + (self.audio_tokens if self.with_audio else 0)
-
-
-def audio_tokens_for_frames(n_frames: int) -> int:
-    """Audio encoder tokens for `n_frames` log-mel frames (10 ms hop): conv stride 2, then avg-pool 2.
-
-    transformers' `_get_feat_extract_output_lengths`; 100 frames (1 s) -> 25 tokens.
-    """
-    n = (n_frames - 1) // 2 + 1
-    return (n - 2) // 2 + 1
 
 
 def decode_positions(next_start: int, n: int = 1) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 
 from omni import rope
 from omni.config import OmniConfig
-from omni.rope import MediaSpec, RopeTokens, audio_tokens_for_frames, decode_positions, placeholder_ids, rope_positions
+from encoders.audio import audio_token_count as audio_tokens_for_frames
+from omni.rope import MediaSpec, RopeTokens, decode_positions, placeholder_ids, rope_positions
 from tests.reference import CONFIG_NAMES, config, hf_config
 
 torch.set_num_threads(1)
@@ -192,14 +193,6 @@ def test_av_placeholders_equal_processor(name, t, h, w, spg, frames):
     want = [rt.vision_start_token_id] + [char[c] for c in s] + [rt.vision_end_token_id]
     spec = MediaSpec("video", grid_thw=(t, h * m, w * m), second_per_grid=spg, audio_tokens=n_audio, with_audio=True)
     assert placeholder_ids(spec, rt) == want
-
-
-def test_audio_tokens_for_frames():
-    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths
-
-    n = torch.arange(2, 3001)
-    assert [audio_tokens_for_frames(int(k)) for k in n] == _get_feat_extract_output_lengths(n).tolist()
-    assert audio_tokens_for_frames(100) == 25 and audio_tokens_for_frames(3000) == 750
 
 
 def test_decode_positions():
