@@ -93,6 +93,10 @@ def load_module(
         ckpt = Checkpoint(ckpt)
     expected = module.state_dict(keep_vars=True)
     present = {k[len(prefix):]: k for k in ckpt.keys(prefix)}
+    # Buffers we compute (rotary frequencies, resampling filters) are accepted if a checkpoint
+    # happens to store them too, and ignored: the computed values are the ones that are right.
+    computed = {f"{m}.{b}".lstrip(".") for m, mod in module.named_modules() for b in mod._non_persistent_buffers_set}
+    present = {k: v for k, v in present.items() if k not in computed}
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
     if missing:

@@ -111,3 +111,11 @@ def test_legacy_and_new_rope_spellings_agree():
     legacy = OmniConfig.from_dict(d).thinker_config.text_config
     assert legacy.get_rope_theta() == new.get_rope_theta() == 1e6
     assert legacy.get_mrope_section() == new.get_mrope_section() == [4, 6, 6]
+
+
+def test_stored_copies_of_computed_buffers_are_ignored(tmp_path, tiny_dir):
+    """Some exports also store rotary inv_freq; it is computed, so a stored copy is accepted and unused."""
+    key = "thinker.model.rotary.inv_freq"
+    path = _edited(tmp_path, tiny_dir, lambda sd: sd.__setitem__(key, torch.zeros(8)))
+    th = _load_thinker(path)
+    assert th.model.rotary.inv_freq.abs().min() > 0
