@@ -19,6 +19,7 @@ from omni.config import OmniConfig
 from omni.processor import MediaOptions, Processor, Prompt
 from omni.sampling import SamplingParams, sample
 from omni.thinker import Thinker
+from omni.types import PromptStates, ThinkerStep
 from omni.weights import Checkpoint, empty_params, load_module
 
 
@@ -88,9 +89,13 @@ class OmniModel:
 
     @torch.inference_mode()
     def generate_text(self, prompt: Prompt, max_new_tokens: int = 256, sampling: SamplingParams | None = None,
-                      generator: torch.Generator | None = None, result: GenerationResult | None = None
-                      ) -> Iterator[TokenEvent]:
-        """Stream the Thinker's reply to `prompt`; fills `result` (if given) as it goes."""
+                      generator: torch.Generator | None = None, result: GenerationResult | None = None,
+                      states: bool = False) -> Iterator[TokenEvent | PromptStates | ThinkerStep]:
+        """Stream the Thinker's reply to `prompt`; fills `result` (if given) as it goes.
+
+        With `states`, also yields PromptStates first and a ThinkerStep for every reply token
+        once it has been fed back: what the Talker consumes.
+        """
         sampling = sampling or self.default_sampling()
         result = result if result is not None else GenerationResult()
         result.prompt_tokens = len(prompt)
@@ -101,6 +106,8 @@ class OmniModel:
         embeds = self.embed_prompt(prompt)
         t_enc = time.perf_counter()
         hidden = th(embeds, prompt.positions[:, None].to(dev), cache, slots)
+        if states:
+            yield PromptStates(prompt.input_ids, embeds[0], hidden[0], prompt.positions)
         logits = th.lm_head(hidden[:, -1])
         seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=dev)
         seen[0, prompt.input_ids.to(dev)] = True
@@ -124,7 +131,10 @@ class OmniModel:
                 break
             positions = torch.full((3, 1, 1), pos, dtype=torch.long, device=dev)
             pos += 1
-            hidden = th(th.model.embed_tokens(token.view(1, 1)), positions, cache, slots)
+            embed = th.model.embed_tokens(token.view(1, 1))
+            hidden = th(embed, positions, cache, slots)
+            if states:
+                yield ThinkerStep(tid, embed[0, 0], hidden[0, 0])
             logits = th.lm_head(hidden[:, -1])
         t_end = time.perf_counter()
         n = len(result.token_ids)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+import torch
 
 Source = Union[str, Path, bytes, np.ndarray]
 
@@ -43,3 +44,26 @@ class Message:
     @classmethod
     def of(cls, role: str, *parts: Part | str) -> "Message":
         return cls(role, [Text(p) if isinstance(p, str) else p for p in parts])
+
+
+@dataclass(frozen=True)
+class PromptStates:
+    """The Thinker's view of the prompt, for the Talker's prefill."""
+
+    input_ids: torch.Tensor  # (L,)
+    embeds: torch.Tensor  # (L, D) input embeddings, encoder outputs in their placeholders
+    hidden: torch.Tensor  # (L, D) final-norm hidden states
+    positions: torch.Tensor  # (3, L) TMRoPE positions
+
+
+@dataclass(frozen=True)
+class ThinkerStep:
+    """One reply token as the Thinker consumed it: its embedding and the hidden state it produced.
+
+    Emitted after the token is fed back (one decode step after it was sampled), so the Talker
+    runs one step behind the Thinker. The token that ends the reply is never fed, so it has none.
+    """
+
+    token_id: int
+    embed: torch.Tensor  # (D,)
+    hidden: torch.Tensor  # (D,) final-norm hidden state at this token

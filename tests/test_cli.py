@@ -1,0 +1,141 @@
+"""`omni generate` as a user runs it, on the embedded default and on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from omni import embedded
+from omni.pipeline import GenerationResult, OmniModel
+from omni.sampling import GREEDY
+from omni.types import Message
+from tests import media as make
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("omni_cache")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(cache):
+    os.environ["OMNI_CACHE"] = str(cache)
+    return embedded.ensure()
+
+
+def omni(cache, *args, check=True):
+    env = {**os.environ, "OMNI_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "omni", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"omni {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+    return r
+
+
+def test_embedded_default_is_deterministic(embedded_dir, tmp_path):
+    again = embedded.ensure(tmp_path / "again")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "vocab.json", "merges.txt"):
+        a, b = (hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (embedded_dir, again))
+        assert a == b, name
+    voices_a = torch.load(embedded_dir / "spk_dict.pt", weights_only=True)
+    voices_b = torch.load(again / "spk_dict.pt", weights_only=True)
+    assert sorted(voices_a) == ["Chelsie", "Ethan"]
+    for k in voices_a:
+        assert torch.equal(voices_a[k]["cond"], voices_b[k]["cond"])
+
+
+def test_embedded_default_has_the_official_layout_and_real_vocabulary(embedded_dir):
+    for name in ("config.json", "model.safetensors", "spk_dict.pt", "tokenizer.json", "vocab.json", "merges.txt",
+                 "tokenizer_config.json", "generation_config.json", "preprocessor_config.json"):
+        assert (embedded_dir / name).exists(), name
+    model = OmniModel.load(embedded_dir)
+    tok = model.processor.tok
+    assert tok.encode("user") == [872] and tok.encode("Hello") == [9707]  # Qwen2's own ids
+    assert tok.token_id("<|IMAGE|>") == 151655 and tok.token_id("<|AUDIO|>") == 151646
+    prefixes = {k.split(".")[0] + "." + k.split(".")[1] for k in
+                __import__("safetensors").safe_open(embedded_dir / "model.safetensors", "pt").keys()}
+    assert {"thinker.model", "thinker.visual", "thinker.audio_tower", "thinker.lm_head", "talker.model",
+            "talker.codec_head", "token2wav.code2wav_dit_model", "token2wav.code2wav_bigvgan_model"} <= prefixes
+
+
+def test_embedded_default_loads_in_transformers_and_agrees(embedded_dir, tmp_path):
+    from transformers import AutoTokenizer, Qwen2_5OmniForConditionalGeneration
+
+    from safetensors.torch import load_file
+
+    ref = Qwen2_5OmniForConditionalGeneration.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    # every tensor was used and none was missing: saving the loaded model gives back the same tensors
+    ref.save_pretrained(tmp_path / "resaved")
+    ours, theirs = load_file(embedded_dir / "model.safetensors"), load_file(tmp_path / "resaved" / "model.safetensors")
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
+    model = OmniModel.load(embedded_dir)
+    prompt = model.processor([Message.of("user", "Hello, who are you?")])
+    assert prompt.input_ids.tolist() == AutoTokenizer.from_pretrained(embedded_dir)(
+        model.processor.render([Message.of("user", "Hello, who are you?")]))["input_ids"]
+    stop = sorted(model.stop_ids)
+    with torch.no_grad():
+        out = ref.thinker.generate(input_ids=prompt.input_ids[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   max_new_tokens=16, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+    result = GenerationResult()
+    list(model.generate_text(prompt, 16, GREEDY, result=result))
+    assert result.token_ids == [t for t in out[0, len(prompt):].tolist() if t not in stop]
+
+
+def test_generate_json_on_embedded_default(cache, embedded_dir, tmp_path):
+    img = tmp_path / "cat.png"
+    img.write_bytes(make.encode_image(make.pattern_image(64, 96)))
+    wav = make.write_audio(tmp_path / "q.wav", make.tone(2.0, chirp_to=2000), 16000)
+    r = omni(cache, "generate", "--image", str(img), "--audio", str(wav), "What is happening?", "--json",
+             "--max-new-tokens", "12", "--seed", "7")
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "token_ids", "prompt_tokens", "timings"}
+    assert len(out["token_ids"]) == 12 and out["finish_reason"] == "length"
+    assert out["prompt_tokens"] > 40
+    assert "EMBEDDED DEFAULT" in r.stderr and "--model" in r.stderr
+    again = json.loads(omni(cache, "generate", "--image", str(img), "--audio", str(wav), "What is happening?",
+                            "--json", "--max-new-tokens", "12", "--seed", "7").stdout)
+    assert again["token_ids"] == out["token_ids"]
+
+
+def test_generate_streams_text_to_the_terminal(cache, embedded_dir):
+    streamed = omni(cache, "generate", "Hi", "--greedy", "--max-new-tokens", "8").stdout
+    as_json = json.loads(omni(cache, "generate", "Hi", "--greedy", "--max-new-tokens", "8", "--json").stdout)
+    assert streamed == as_json["text"] + "\n"
+
+
+@pytest.mark.parametrize("case", ["missing", "not_media", "wrong_kind", "not_a_checkpoint", "other_model"])
+def test_bad_input_is_one_line_and_nonzero(cache, embedded_dir, tmp_path, case):
+    args = ["generate", "x"]
+    if case == "missing":
+        args += ["--image", str(tmp_path / "nope.jpg")]
+    elif case == "not_media":
+        (tmp_path / "clip.mp4").write_text("this is not a video")
+        args += ["--video", str(tmp_path / "clip.mp4")]
+    elif case == "wrong_kind":
+        args += ["--image", str(make.write_audio(tmp_path / "a.wav", make.tone(0.5), 16000))]
+    elif case == "not_a_checkpoint":
+        args += ["--model", str(tmp_path)]
+    else:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        args += ["--model", str(tmp_path)]
+    r = omni(cache, *args, check=False)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.startswith("omni: error")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    if case in ("missing", "not_media", "wrong_kind"):
+        assert tmp_path.name in lines[0]
+
+
+def test_debug_shows_the_traceback(cache, embedded_dir, tmp_path):
+    r = omni(cache, "generate", "x", "--image", str(tmp_path / "nope.jpg"), "--debug", check=False)
+    assert r.returncode != 0 and "Traceback" in r.stderr
