@@ -1,6 +1,7 @@
 """Strict checkpoint loading: every tensor accounted for, errors that name the key, shards, config spellings."""
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -119,3 +120,12 @@ def test_stored_copies_of_computed_buffers_are_ignored(tmp_path, tiny_dir):
     path = _edited(tmp_path, tiny_dir, lambda sd: sd.__setitem__(key, torch.zeros(8)))
     th = _load_thinker(path)
     assert th.model.rotary.inv_freq.abs().min() > 0
+
+
+def test_shared_config_copy_is_current():
+    from tests.reference import SHARED_CONFIG
+
+    copy = Path(__file__).with_name("data") / "tiny_qwen2_5_omni_config.json"
+    if not SHARED_CONFIG.exists():
+        pytest.skip("../shared is not beside this clone")
+    assert json.loads(copy.read_text()) == json.loads(SHARED_CONFIG.read_text())
