@@ -15,11 +15,56 @@ from typing import Iterator
 
 import torch
 
-from omni.config import OmniConfig
+from omni.config import OmniConfig, Token2WavConfig
 from omni.processor import MediaOptions, Processor, Prompt
 from omni.sampling import SamplingParams, sample
 from omni.thinker import Thinker
 from omni.types import PromptStates, ThinkerStep
+from talker.bigvgan import BigVGAN
+from talker.dit import DiT
+from talker.talker import Talker
+from talker.token2wav import StreamOptions, Token2Wav
+
+SAMPLE_RATE = 24000  # Token2Wav output
+# The system prompt speech output was trained with; another one may degrade the voice.
+SPEECH_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+
+
+class SpeechError(ValueError):
+    """Speech was asked for but cannot be made (no talker, no voices, unknown voice)."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str
+    cond: torch.Tensor  # (1, enc_emb_dim) speaker vector
+    ref_mel: torch.Tensor  # (1, T, 80) reference mel
+    bos_token: int  # the Talker's first codec token for this voice
+
+
+def load_voices(path: Path) -> dict[str, Voice]:
+    f = path / "spk_dict.pt"
+    if not f.exists():
+        raise SpeechError(f"{path}: no spk_dict.pt, so there are no voices to speak with")
+    try:
+        raw = torch.load(f, weights_only=True, map_location="cpu")
+        return {name: Voice(name, v["cond"].float(), v["ref_mel"].float(), int(v["bos_token"]))
+                for name, v in raw.items()}
+    except Exception as e:  # a voice file we cannot read is a one-line error, whatever torch raised
+        raise SpeechError(f"{f}: not a Qwen2.5-Omni voice file ({e})") from None
+
+
+def load_token2wav(ckpt: Checkpoint, cfg: Token2WavConfig, device: torch.device,
+                   options: StreamOptions = StreamOptions()) -> Token2Wav:
+    """DiT and BigVGAN, always fp32 (the vocoder is sensitive to precision)."""
+    with empty_params():
+        dit, voc = DiT(cfg.dit_config), BigVGAN(cfg.bigvgan_config)
+    load_module(dit, ckpt, "token2wav.code2wav_dit_model.", dtype=torch.float32, device=device)
+    load_module(voc, ckpt, "token2wav.code2wav_bigvgan_model.", dtype=torch.float32, device=device)
+    return Token2Wav(dit, voc, options)
 from omni.weights import Checkpoint, empty_params, load_module
 
 
@@ -44,16 +89,20 @@ class GenerationResult:
 
 class OmniModel:
     def __init__(self, path: Path, cfg: OmniConfig, thinker: Thinker, processor: Processor, device: torch.device,
-                 dtype: torch.dtype, generation: dict):
+                 dtype: torch.dtype, generation: dict, talker: Talker | None = None,
+                 token2wav: Token2Wav | None = None, voices: dict[str, Voice] | None = None):
         self.path, self.cfg, self.thinker, self.processor = path, cfg, thinker, processor
         self.device, self.dtype = device, dtype
         self.generation = generation
+        self.talker, self.token2wav, self.voices = talker, token2wav, voices or {}
         tok = processor.tok
         self.stop_ids = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-             options: MediaOptions = MediaOptions()) -> "OmniModel":
+             options: MediaOptions = MediaOptions(), speech: bool | None = None,
+             stream_options: StreamOptions = StreamOptions()) -> "OmniModel":
+        """speech: True loads the Talker, Token2Wav and voices or fails; None loads them if present; False skips."""
         path = Path(path)
         cfg = OmniConfig.from_file(path)
         device_t = torch.device(device)
@@ -65,7 +114,26 @@ class OmniModel:
         processor = Processor.from_dir(path, cfg.thinker_config, options)
         gen_file = path / "generation_config.json"
         generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-        return cls(path, cfg, thinker, processor, device_t, dtype, generation)
+        talker = token2wav = voices = None
+        has_speech = cfg.enable_audio_output and ckpt.has_prefix("talker.") and ckpt.has_prefix("token2wav.")
+        if speech and not has_speech:
+            raise SpeechError(f"{path}: this checkpoint has no talker/token2wav weights (or enable_audio_output "
+                              "is false), so it cannot speak")
+        if speech or (speech is None and has_speech and (path / "spk_dict.pt").exists()):
+            voices = load_voices(path)
+            with empty_params():
+                talker = Talker(cfg.talker_config)
+            load_module(talker, ckpt, "talker.", dtype=dtype, device=device_t)
+            token2wav = load_token2wav(ckpt, cfg.token2wav_config, device_t, stream_options)
+        return cls(path, cfg, thinker, processor, device_t, dtype, generation, talker, token2wav, voices)
+
+    def voice(self, name: str | None) -> Voice:
+        if self.talker is None:
+            raise SpeechError(f"{self.path}: speech output is not loaded")
+        name = name or ("Chelsie" if "Chelsie" in self.voices else next(iter(self.voices)))
+        if name not in self.voices:
+            raise SpeechError(f"unknown voice {name!r}; this checkpoint has: {', '.join(sorted(self.voices))}")
+        return self.voices[name]
 
     def default_sampling(self) -> SamplingParams:
         """The checkpoint's generation_config.json, else Qwen2.5's usual chat settings."""
