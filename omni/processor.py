@@ -86,10 +86,14 @@ class Processor:
     def from_dir(cls, path: str | Path, cfg: ThinkerConfig, options: MediaOptions = MediaOptions()) -> "Processor":
         return cls(TextTokenizer.from_dir(path), cfg, options)
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The chat template, with one placeholder token per media part."""
+    def render(self, messages: list[Message], add_generation_prompt: bool = True, default_system: bool = True) -> str:
+        """The chat template, with one placeholder token per media part.
+
+        default_system=False renders a continuation (turns appended to a conversation that
+        already has its system prompt).
+        """
         out = []
-        if not messages or messages[0].role != "system":
+        if default_system and (not messages or messages[0].role != "system"):
             out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
         for m in messages:
             out.append(f"<|im_start|>{m.role}\n")
@@ -109,8 +113,14 @@ class Processor:
             out.append("<|im_start|>assistant\n")
         return "".join(out)
 
-    def __call__(self, messages: list[Message], add_generation_prompt: bool = True, start: int = 0) -> Prompt:
-        """Tokenise, decode and featurise media, expand placeholders, compute positions from `start`."""
+    def __call__(self, messages: list[Message], add_generation_prompt: bool = True, start: int = 0,
+                 prefix_ids: list[int] | None = None, prefix_text: str = "", default_system: bool = True) -> Prompt:
+        """Tokenise, decode and featurise media, expand placeholders, compute positions from `start`.
+
+        For a new turn on a kept KV cache: `prefix_ids` are tokens the model produced but never
+        fed (the token that ended the last reply), `prefix_text` closes that reply if it was cut
+        short (`"<|im_end|>\\n"`), and default_system=False; positions continue from `start`.
+        """
         images, videos, audios = [], [], []  # featurised, in prompt order
         specs: list[MediaSpec] = []
         for m in messages:
@@ -124,7 +134,8 @@ class Processor:
                         raise
                     name = p.source if isinstance(p.source, (str, Path)) else type(p).__name__.lower()
                     raise media.MediaError(f"{name}: {e}") from None
-        ids = self._expand(self.tok.encode(self.render(messages, add_generation_prompt)), specs)
+        text = prefix_text + self.render(messages, add_generation_prompt, default_system)
+        ids = list(prefix_ids or []) + self._expand(self.tok.encode(text), specs)
         input_ids = torch.tensor(ids, dtype=torch.long)
         positions, next_position = rope_positions(input_ids, specs, self.rope, start=start)
         prompt = Prompt(input_ids=input_ids, positions=positions, next_position=next_position, media=specs)

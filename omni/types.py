@@ -67,3 +67,33 @@ class ThinkerStep:
     token_id: int
     embed: torch.Tensor  # (D,)
     hidden: torch.Tensor  # (D,) final-norm hidden state at this token
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_id: int
+
+
+@dataclass(frozen=True)
+class AudioDelta:
+    pcm: bytes  # 16-bit little-endian mono
+    sample_rate: int
+    index: int  # chunk number within the response
+
+
+@dataclass(frozen=True)
+class Done:
+    status: str  # completed | cancelled | incomplete (length)
+    usage: dict
+    timings: dict
+    reason: str | None = None  # for cancelled: client_cancelled | turn_detected | ...
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str  # busy | context_length_exceeded | invalid_media | invalid_request | internal
+    message: str
+
+
+Event = Union[TextDelta, AudioDelta, Done, Error]

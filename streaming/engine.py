@@ -1,0 +1,399 @@
+"""The engine: one worker thread owns the model and the device; asyncio callers talk to it.
+
+    engine = Engine.load(model_dir, device="cpu", config=EngineConfig(max_sessions=8))
+    conv = engine.open_conversation(voice="Chelsie")
+    async for event in conv.respond([Text("Hi")], modalities=("text",)):
+        ...  # TextDelta | AudioDelta | Done | Error
+    conv.cancel(); conv.close()
+
+Every conversation owns one KV-cache slot for its whole life, so a new turn prefills only its
+new tokens. Each worker iteration admits at most one new prompt (prefill) and then runs one
+batched decode step for every active response, each at its own position and slot, so a
+conversation joining or leaving does not stall the others. Media decoding and featurising run
+on a small thread pool before a turn reaches the worker. Events flow back through one bounded
+queue per response; a response whose consumer falls behind is paused, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+import torch
+
+from omni.cache import KVCache
+from omni.media import MediaError
+from omni.pipeline import OmniModel, _Detokenizer
+from omni.processor import Prompt
+from omni.sampling import SamplingParams, sample
+from omni.types import Done, Error, Event, Message, Part, Text, TextDelta
+
+log = logging.getLogger("omni.engine")
+
+
+class EngineBusy(RuntimeError):
+    """No free conversation slot, or the engine's inbox is full."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_sessions: int = 8  # conversations at once (KV-cache slots)
+    max_context: int = 8192  # tokens per conversation, history included
+    max_new_tokens: int = 512  # default reply length limit
+    events_buffered: int = 64  # per response: the worker pauses a response whose consumer is this far behind
+    inbox_size: int = 256  # pending commands (turns, cancels, closes)
+    preprocess_threads: int = 2  # media decoding / featurising, off the worker and off the event loop
+
+
+@dataclass
+class _Conv:
+    """Worker-side state of one conversation: its slot and what its cache holds."""
+
+    slot: int
+    system: str | None
+    voice: str | None
+    next_position: int = 0  # rotary position of the next token to enter the cache
+    pending: list[int] = field(default_factory=list)  # produced but not yet in the cache
+    closed_reply: bool = True  # whether the last reply ended with <|im_end|>
+    seen: torch.Tensor | None = None  # (V,) bool: tokens in the history (repetition penalty)
+    turns: int = 0
+
+
+@dataclass
+class _Turn:
+    conv: _Conv
+    prompt: Prompt
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    max_new_tokens: int
+    emit: "_Outbox"
+    t_submit: float
+    cancelled: str | None = None  # reason once cancelled
+    next_token: int | None = None  # sampled (and emitted) but not yet fed
+    pos: int = 0
+    generated: int = 0
+    detok: _Detokenizer | None = None
+    t_first: float | None = None
+    t_prefill: float = 0.0
+    cached: int = 0  # history tokens reused from the cache
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) after the last event
+
+
+class _Outbox:
+    """Worker -> asyncio: a bounded event queue plus a count the worker reads for back-pressure."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int):
+        self.loop, self.limit = loop, limit
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.outstanding = 0
+        self.lock = threading.Lock()
+
+    def put(self, ev: Event) -> None:
+        with self.lock:
+            self.outstanding += 1
+        self.loop.call_soon_threadsafe(self.q.put_nowait, ev)
+
+    def full(self) -> bool:
+        return self.outstanding >= self.limit
+
+    async def get(self) -> Event:
+        ev = await self.q.get()
+        with self.lock:
+            self.outstanding -= 1
+        return ev
+
+
+def continuation_text(closed_reply: bool) -> str:
+    """What goes between the last reply's tokens and the next turn in the chat template.
+
+    A reply that ended by itself left its <|im_end|> pending (sampled, not fed); one cut short
+    (length limit, cancel) needs the <|im_end|> written out. Either way a newline follows.
+    """
+    return "\n" if closed_reply else "<|im_end|>\n"
+
+
+class Conversation:
+    """The caller's handle. Turns are sequential: one response at a time per conversation."""
+
+    def __init__(self, engine: "Engine", state: _Conv):
+        self._engine, self._state = engine, state
+        self._turn: _Turn | None = None  # the latest response, possibly still winding down
+        self._consuming = False
+        self.closed = False
+
+    @property
+    def id(self) -> int:
+        return self._state.slot
+
+    async def respond(self, parts: Sequence[Part | str], modalities: Sequence[str] = ("text",),
+                      sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
+                      seed: int | None = None, role: str = "user") -> AsyncIterator[Event]:
+        """Add one user turn and stream the reply as events, ending with Done or Error.
+
+        Leaving the loop early cancels the response (what was emitted stays in the history).
+        """
+        eng = self._engine
+        if self.closed:
+            yield Error("invalid_request", "conversation is closed")
+            return
+        if self._consuming:
+            yield Error("busy", "this conversation is already responding; cancel it or wait for Done")
+            return
+        if "audio" in modalities:
+            yield Error("invalid_request", "audio output is not available in this engine yet")
+            return
+        self._consuming = True
+        turn = None
+        try:
+            if self._turn is not None:  # an abandoned response still winding down on the worker
+                await self._turn.done.wait()
+            loop = asyncio.get_running_loop()
+            try:
+                prompt = await loop.run_in_executor(eng._pool, self._prepare, list(parts), role)
+            except (MediaError, ValueError) as e:
+                yield Error("invalid_media" if isinstance(e, MediaError) else "invalid_request", str(e))
+                return
+            limit = max_new_tokens or eng.config.max_new_tokens
+            held = int(eng._cache.lengths[self._state.slot])
+            if held + len(prompt) + limit > eng.config.max_context:
+                yield Error("context_length_exceeded",
+                            f"conversation would reach {held + len(prompt) + limit} tokens ({held} held, "
+                            f"{len(prompt)} new, {limit} to generate); the limit is {eng.config.max_context}")
+                return
+            gen = None
+            if seed is not None:
+                gen = torch.Generator(device=eng.model.device).manual_seed(seed)
+            turn = _Turn(self._state, prompt, sampling or eng.model.default_sampling(), gen, limit,
+                         _Outbox(loop, eng.config.events_buffered), time.perf_counter())
+            try:
+                eng._inbox.put_nowait(("turn", turn))
+            except queue.Full:
+                yield Error("busy", "the engine is overloaded; try again shortly")
+                return
+            self._turn = turn
+            while True:
+                ev = await turn.emit.get()
+                yield ev
+                if isinstance(ev, (Done, Error)):
+                    return
+        finally:
+            self._consuming = False
+            if turn is not None and not turn.done.is_set():
+                self.cancel("client_gone")
+
+    def _prepare(self, parts: list, role: str) -> Prompt:
+        """Runs on the preprocessing pool: decode media, tokenise, positions after the history."""
+        s, proc = self._state, self._engine.model.processor
+        content = [Text(p) if isinstance(p, str) else p for p in parts]
+        msgs = [Message(role, content)]
+        if s.turns == 0:
+            if s.system is not None:
+                msgs.insert(0, Message("system", [Text(s.system)]))
+            return proc(msgs)
+        return proc(msgs, start=s.next_position, prefix_ids=s.pending, prefix_text=continuation_text(s.closed_reply),
+                    default_system=False)
+
+    def cancel(self, reason: str = "client_cancelled") -> None:
+        """Stop the current response within one decode step; what was emitted stays in the history."""
+        if self._turn is not None and not self._turn.done.is_set():
+            self._engine._command(("cancel", (self._turn, reason)))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.cancel("closed")
+            self._engine._command(("close", self._state))
+
+
+class Engine:
+    def __init__(self, model: OmniModel, config: EngineConfig = EngineConfig()):
+        self.model, self.config = model, config
+        th = model.thinker
+        self._cache: KVCache = th.model.allocate_cache(config.max_sessions, config.max_context)
+        self._free = list(range(config.max_sessions))
+        self._slots_lock = threading.Lock()
+        self._inbox: queue.Queue = queue.Queue(config.inbox_size)
+        self._pool = concurrent.futures.ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="omni-prep")
+        self._waiting: list[_Turn] = []
+        self._active: list[_Turn] = []
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="omni-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu", config: EngineConfig = EngineConfig(),
+             **load_kwargs) -> "Engine":
+        return cls(OmniModel.load(model_dir, device=device, **load_kwargs), config)
+
+    def open_conversation(self, voice: str | None = None, system: str | None = None) -> Conversation:
+        with self._slots_lock:
+            if not self._free:
+                raise EngineBusy(f"all {self.config.max_sessions} conversation slots are in use")
+            slot = self._free.pop(0)
+        self._cache.reset(slot)
+        vocab = self.model.cfg.thinker_config.text_config.vocab_size
+        state = _Conv(slot, system, voice, seen=torch.zeros(vocab, dtype=torch.bool, device=self.model.device))
+        return Conversation(self, state)
+
+    @property
+    def active_conversations(self) -> int:
+        return self.config.max_sessions - len(self._free)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._command(("wake", None))
+        self._worker.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _command(self, cmd) -> None:
+        try:
+            self._inbox.put_nowait(cmd)
+        except queue.Full:  # cancels and closes must not be lost: wait for room
+            self._inbox.put(cmd)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain(block=not (self._active or self._waiting))
+                if self._waiting:
+                    self._prefill(self._waiting.pop(0))
+                runnable = [t for t in self._active if not t.emit.full() or t.cancelled]
+                if runnable:
+                    self._decode(runnable)
+                elif self._active:
+                    time.sleep(0.002)  # every consumer is behind: wait for them
+            except Exception as e:  # never let one bad step kill the worker
+                log.exception("engine step failed")
+                for t in self._active + self._waiting:
+                    self._finish(t, error=Error("internal", f"engine error: {e}"))
+                self._active, self._waiting = [], []
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = cmd
+            if kind == "turn":
+                self._waiting.append(arg)
+            elif kind == "cancel":
+                turn, reason = arg
+                if turn in self._waiting:
+                    self._waiting.remove(turn)
+                    turn.cancelled = reason
+                    self._finish(turn)
+                elif turn in self._active:
+                    turn.cancelled = reason
+            elif kind == "close":
+                self._release(arg)
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _release(self, conv: _Conv) -> None:
+        for t in [t for t in self._active + self._waiting if t.conv is conv]:
+            t.cancelled = t.cancelled or "closed"
+            if t in self._waiting:
+                self._waiting.remove(t)
+            else:
+                self._active.remove(t)
+            self._finish(t)
+        self._cache.reset(conv.slot)
+        with self._slots_lock:
+            self._free.append(conv.slot)
+
+    @torch.inference_mode()
+    def _prefill(self, turn: _Turn) -> None:
+        m, th, conv = self.model, self.model.thinker, turn.conv
+        if turn.cancelled:
+            return self._finish(turn)
+        t0 = time.perf_counter()
+        embeds = m.embed_prompt(turn.prompt)
+        slot = torch.tensor([conv.slot])
+        turn.cached = int(self._cache.lengths[conv.slot])
+        hidden = th(embeds, turn.prompt.positions[:, None].to(m.device), self._cache, slot)
+        logits = th.lm_head(hidden[:, -1])
+        conv.pending, conv.turns = [], conv.turns + 1
+        conv.seen[turn.prompt.input_ids.to(m.device)] = True
+        turn.pos = turn.prompt.next_position
+        turn.detok = _Detokenizer(m.processor.tok)
+        turn.t_prefill = time.perf_counter() - t0
+        self._active.append(turn)
+        self._take(turn, logits[0])
+
+    @torch.inference_mode()
+    def _decode(self, turns: list[_Turn]) -> None:
+        m, th = self.model, self.model.thinker
+        for t in [t for t in turns if t.cancelled]:
+            self._active.remove(t)
+            self._finish(t)
+        turns = [t for t in turns if not t.cancelled]
+        if not turns:
+            return
+        dev = m.device
+        tokens = torch.tensor([[t.next_token] for t in turns], device=dev)  # (B, 1)
+        positions = torch.tensor([t.pos for t in turns], device=dev).view(1, -1, 1).expand(3, -1, -1)
+        slots = torch.tensor([t.conv.slot for t in turns])
+        hidden = th(th.model.embed_tokens(tokens), positions, self._cache, slots)
+        logits = th.lm_head(hidden[:, -1])  # (B, V)
+        for i, t in enumerate(turns):
+            t.next_token = None
+            t.pos += 1
+            t.conv.next_position = t.pos
+            self._take(t, logits[i])
+
+    def _take(self, turn: _Turn, logits: torch.Tensor) -> None:
+        """Sample the next token of `turn` from its logits (V,), emit it, or end the turn."""
+        conv, m = turn.conv, self.model
+        conv.next_position = turn.pos
+        tok = int(sample(logits[None], turn.sampling, turn.generator, conv.seen[None])[0])
+        if turn.t_first is None:
+            turn.t_first = time.perf_counter()
+        if tok in m.stop_ids:
+            conv.pending, conv.closed_reply = [m.processor.tok.token_id("<|im_end|>")], True
+            return self._end(turn, "completed")
+        conv.seen[tok] = True
+        turn.generated += 1
+        turn.next_token = tok
+        turn.emit.put(TextDelta(turn.detok.push(tok), tok))
+        if turn.generated >= turn.max_new_tokens:
+            conv.pending, conv.closed_reply = [tok], False
+            turn.next_token = None
+            return self._end(turn, "incomplete")
+
+    def _end(self, turn: _Turn, status: str) -> None:
+        if turn in self._active:
+            self._active.remove(turn)
+        self._finish(turn, status=status)
+
+    def _finish(self, turn: _Turn, status: str | None = None, error: Error | None = None) -> None:
+        conv = turn.conv
+        if turn.cancelled and turn.next_token is not None:
+            conv.pending, conv.closed_reply = [turn.next_token], False
+        turn.next_token = None
+        if error is not None:
+            turn.emit.put(error)
+        else:
+            now = time.perf_counter()
+            usage = {"prompt_tokens": len(turn.prompt), "cached_tokens": turn.cached,
+                     "completion_tokens": turn.generated}
+            first = turn.t_first
+            timings = {"prefill_s": round(turn.t_prefill, 4),
+                       "time_to_first_token_s": round(first - turn.t_submit, 4) if first else None,
+                       "decode_tokens_per_s": round((turn.generated - 1) / (now - first), 2)
+                       if first and turn.generated > 1 and now > first else None,
+                       "total_s": round(now - turn.t_submit, 4)}
+            if turn.cancelled:
+                turn.emit.put(Done("cancelled", usage, timings, reason=turn.cancelled))
+            else:
+                turn.emit.put(Done(status or "completed", usage, timings))
+        turn.emit.loop.call_soon_threadsafe(turn.done.set)
