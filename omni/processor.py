@@ -167,9 +167,13 @@ class Processor:
             return MediaSpec("audio", audio_tokens=audio_token_count(mel.shape[-1]))
         if not isinstance(p, Video):
             raise TypeError(f"unknown message part {type(p).__name__}")
-        limits = {k: v for k, v in (("max_frames", self.options.video_max_frames),
-                                    ("max_pixels", self.options.video_max_pixels)) if v}
-        v = media.load_video(p.source, fps=self.options.video_fps, **limits)
+        if isinstance(p.source, np.ndarray):  # live frames (a camera), sampled by the caller at p.fps
+            v = media.Video(frames=p.source, fps=p.fps, second_per_grid=self.temporal_patch_size / p.fps,
+                            audio=p.audio, duration=len(p.source) / p.fps)
+        else:
+            limits = {k: v for k, v in (("max_frames", self.options.video_max_frames),
+                                        ("max_pixels", self.options.video_max_pixels)) if v}
+            v = media.load_video(p.source, fps=self.options.video_fps, **limits)
         pv, grid = features.patchify_video(v.frames, patch_size=self.patch_size,
                                            temporal_patch_size=self.temporal_patch_size, merge_size=self.merge)
         has_audio = v.audio is not None and len(v.audio) > 0

@@ -29,8 +29,10 @@ class Audio:
 
 @dataclass(frozen=True)
 class Video:
-    source: Source  # path or encoded bytes
+    source: Source  # path, encoded bytes, or uint8 frames (T, H, W, 3) already sampled at `fps`
     use_audio: bool | None = None  # audio-in-video; None: on when the video has sound
+    fps: float = 2.0  # frame rate of in-memory frames (a live camera's sampled frames)
+    audio: np.ndarray | None = None  # float32 16 kHz mono sound aligned with in-memory frames
 
 
 Part = Union[Text, Image, Audio, Video]

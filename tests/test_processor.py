@@ -204,3 +204,15 @@ def test_audio_in_video_on_silent_video_is_an_error(setup, files):
     proc, _ = setup
     with pytest.raises(media.MediaError, match="no audio track"):
         proc([Message.of("user", Video(str(files / "silent.mp4"), use_audio=True))])
+
+
+def test_in_memory_frames_equal_the_decoded_video(setup, files):
+    """A camera's frames handed over in memory give the same prompt as the same frames from a file."""
+    proc, _ = setup
+    v = media.load_video(str(files / "clip.mp4"))
+    from_file = proc([Message.of("user", Video(str(files / "clip.mp4")), "What happens?")])
+    live = proc([Message.of("user", Video(v.frames, fps=2.0, audio=v.audio), "What happens?")])
+    assert live.input_ids.tolist() == from_file.input_ids.tolist()
+    assert torch.equal(live.positions, from_file.positions)
+    assert torch.equal(live.pixel_values_videos, from_file.pixel_values_videos)
+    assert torch.equal(live.audio_features, from_file.audio_features)
