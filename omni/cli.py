@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -47,8 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed a video's sound track with its frames (default: on for videos with sound)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_model_args(g)
-    g.set_defaults(media=[])
+    g.set_defaults(media=[], func=cmd_generate)
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).add_parser(sub, _add_model_args)
     return parser
+
+
+# Modules that add a subcommand: each has `add_parser(subparsers, add_model_args)`, kept cheap to
+# import (heavy imports inside the handler), and sets `func` on its parser.
+SUBCOMMANDS: list[str] = []
 
 
 def resolve_model(path: str | None) -> Path:
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     known = (UserError, MediaError, ConfigError, CheckpointError, TokenizerError)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return args.func(args)
     except known as e:
         if args.debug:
             raise
