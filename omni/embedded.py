@@ -30,32 +30,56 @@ BANNER = ("omni: running the EMBEDDED DEFAULT model ({path}): a tiny randomly in
 MARKER = "omni_embedded_default"
 
 
-def cache_dir() -> Path:
+def cache_dir(size: str = "default") -> Path:
     base = os.environ.get("OMNI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "omni")
-    return Path(base) / f"embedded-v{VERSION}"
+    return Path(base) / (f"embedded-v{VERSION}" if size == "default" else f"embedded-{size}-v{VERSION}")
 
 
-def config_dict() -> dict:
+MROPE = lambda section: {"mrope_section": section, "rope_type": "default", "type": "default"}  # noqa: E731
+
+# Widths per size. "default" is what `omni` runs with no --model; "small" (about 100 M parameters,
+# most of them the real-vocabulary embedding and head) is what `omni bench` measures as well.
+SIZES = {
+    "default": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, rope_scaling=MROPE([2, 3, 3])),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    fullatt_block_indexes=[1]),
+        audio=dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32, output_dim=64),
+        talker=dict(embedding_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_scaling=MROPE([2, 3, 3])),
+        dit=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, head_dim=16, emb_dim=16, enc_dim=16,
+                 enc_channels=[32, 32, 32, 32, 96], enc_attention_channels=16, enc_se_channels=16,
+                 look_ahead_layers=[2], look_backward_layers=[0, 3]),
+        bigvgan=dict(upsample_initial_channel=128),
+    ),
+    "small": dict(
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, rope_scaling=MROPE([4, 6, 6])),
+        vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
+                    fullatt_block_indexes=[1, 3]),
+        audio=dict(encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512, d_model=128, output_dim=256),
+        talker=dict(embedding_size=256, hidden_size=192, intermediate_size=768, num_hidden_layers=6,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=32, rope_scaling=MROPE([4, 6, 6])),
+        dit=dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, head_dim=64, emb_dim=128, enc_dim=64,
+                 enc_channels=[64, 64, 64, 64, 192], enc_attention_channels=32, enc_se_channels=32,
+                 look_ahead_layers=[4], look_backward_layers=[0, 7]),
+        bigvgan=dict(upsample_initial_channel=256),
+    ),
+}
+
+
+def config_dict(size: str = "default") -> dict:
     """Official key layout and token ids; small widths. Rotary settings in the legacy spelling, as shipped."""
+    w = SIZES[size]
     cfg = OmniConfig()
     th = cfg.thinker_config
-    th.text_config.__dict__.update(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
-                                   rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
-                                   tie_word_embeddings=False)
-    th.vision_config.__dict__.update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                                     fullatt_block_indexes=[1], window_size=112)
-    th.audio_config.__dict__.update(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-                                    output_dim=64)
-    cfg.talker_config.__dict__.update(embedding_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=1000000.0,
-                                      rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"})
-    cfg.token2wav_config.dit_config.__dict__.update(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                                    head_dim=16, emb_dim=16, enc_emb_dim=192, enc_dim=16,
-                                                    enc_channels=[32, 32, 32, 32, 96], enc_attention_channels=16,
-                                                    enc_se_channels=16, look_ahead_layers=[2],
-                                                    look_backward_layers=[0, 3], rope_theta=10000.0)
-    cfg.token2wav_config.bigvgan_config.upsample_initial_channel = 128
+    th.text_config.__dict__.update(vocab_size=151936, rope_theta=1000000.0, tie_word_embeddings=False, **w["text"])
+    th.vision_config.__dict__.update(window_size=112, **w["vision"])
+    th.audio_config.__dict__.update(**w["audio"])
+    cfg.talker_config.__dict__.update(rope_theta=1000000.0, **w["talker"])
+    cfg.token2wav_config.dit_config.__dict__.update(enc_emb_dim=192, rope_theta=10000.0, **w["dit"])
+    cfg.token2wav_config.bigvgan_config.__dict__.update(**w["bigvgan"])
     d = cfg.to_dict()
     d["architectures"] = ["Qwen2_5OmniForConditionalGeneration"]
     d["torch_dtype"] = "bfloat16"
@@ -117,10 +141,10 @@ def voices(cfg: OmniConfig) -> dict:
     }
 
 
-def build(out_dir: Path) -> None:
+def build(out_dir: Path, size: str = "default") -> None:
     from safetensors.torch import save_file
 
-    d = config_dict()
+    d = config_dict(size)
     cfg = OmniConfig.from_dict(d)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(d, indent=2))
@@ -145,15 +169,15 @@ def build(out_dir: Path) -> None:
         f"(seed {SEED}, version {VERSION}). Its outputs are not meaningful.\n")
 
 
-def ensure(out_dir: Path | None = None) -> Path:
+def ensure(out_dir: Path | None = None, size: str = "default") -> Path:
     """The embedded checkpoint directory, built atomically on first use."""
-    out_dir = out_dir or cache_dir()
+    out_dir = out_dir or cache_dir(size)
     if (out_dir / "config.json").exists():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
-        build(tmp)
+        build(tmp, size)
         try:
             tmp.rename(out_dir)
         except OSError:  # another process won the race
