@@ -22,8 +22,9 @@ from omni.thinker import Thinker
 from omni.types import PromptStates, ThinkerStep
 from talker.bigvgan import BigVGAN
 from talker.dit import DiT
-from talker.talker import Talker
-from talker.token2wav import StreamOptions, Token2Wav
+from talker.dit import sample_mel
+from talker.talker import TALKER_SAMPLING, Talker, generate_codes
+from talker.token2wav import StreamOptions, Token2Wav, draw_stream_noise
 
 SAMPLE_RATE = 24000  # Token2Wav output
 # The system prompt speech output was trained with; another one may degrade the voice.
@@ -31,6 +32,18 @@ SPEECH_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
     "auditory and visual inputs, as well as generating text and speech."
 )
+
+
+def generators(seed: int | None, device: torch.device) -> tuple:
+    """Independent seeded generators for the Thinker, the Talker and the Token2Wav noise.
+
+    Separate streams make a streamed turn draw exactly what a one-shot turn draws, whatever
+    order the stages interleave in. The noise generator lives on the CPU (drawn there, moved).
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    make = lambda dev, k: torch.Generator(device=dev).manual_seed(seed + k)  # noqa: E731
+    return make(device, 0), make(device, 1), make("cpu", 2)
 
 
 class SpeechError(ValueError):
@@ -76,6 +89,13 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 class TokenEvent:
     token_id: int
     text: str  # the new text this token completes (may be "" inside a multi-byte character)
+
+
+@dataclass
+class SpeechResult:
+    codes: list[int]
+    wave: torch.Tensor  # (samples,) float32 at 24 kHz
+    sample_rate: int = SAMPLE_RATE
 
 
 @dataclass
@@ -212,6 +232,40 @@ class OmniModel:
             "total_s": round(t_end - t0, 4),
             "decode_tokens_per_s": round((n - 1) / (t_end - t_first), 2) if t_first and n > 1 and t_end > t_first else 0.0,
         }
+
+
+    @torch.inference_mode()
+    def speak(self, prompt: Prompt, voice: str | None = None, max_new_tokens: int = 256,
+              sampling: SamplingParams | None = None, talker_sampling: SamplingParams = TALKER_SAMPLING,
+              seed: int | None = None, max_codes: int = 4096, min_codes: int = 0,
+              result: GenerationResult | None = None) -> SpeechResult:
+        """Text and speech for one prompt, one stage after the other (no streaming): the reference path.
+
+        Draws exactly what the streaming engine draws for the same seed (same generators, same
+        noise pieces), so the two can be compared.
+        """
+        v = self.voice(voice)
+        g_text, g_talk, g_noise = generators(seed, self.device)
+        prompt_states, steps = None, []
+        for ev in self.generate_text(prompt, max_new_tokens, sampling, g_text, result, states=True):
+            if isinstance(ev, PromptStates):
+                prompt_states = ev
+            elif isinstance(ev, ThinkerStep):
+                steps.append(ev)
+        if not steps:
+            return SpeechResult([], torch.zeros(0))
+        codes = generate_codes(self.talker, self.thinker.model.embed_tokens, prompt_states, steps, v.bos_token,
+                               max_codes, talker_sampling, g_talk, min_codes)
+        if not codes:
+            return SpeechResult([], torch.zeros(0))
+        t2w = self.token2wav
+        o, dit = t2w.opt, t2w.dit
+        frames = dit.cfg.repeats * len(codes)
+        noise = draw_stream_noise(g_noise, frames, dit.cfg.mel_dim, dit.cfg.repeats * o.chunk_codes)
+        dev = dit.proj_out.weight.device
+        mel = sample_mel(dit, torch.tensor([codes], device=dev), v.ref_mel.to(dev), v.cond.to(dev), steps=o.steps,
+                         guidance_scale=o.guidance_scale, sway=o.sway, noise=noise.to(dev))
+        return SpeechResult(codes, t2w.vocoder(mel)[0].cpu())
 
 
 class _Detokenizer:

@@ -90,6 +90,7 @@ class Done:
     usage: dict
     timings: dict
     reason: str | None = None  # for cancelled: client_cancelled | turn_detected | ...
+    codec_ids: list[int] | None = None  # the Talker's codes, for a response with audio
 
 
 @dataclass(frozen=True)

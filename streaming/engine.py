@@ -30,10 +30,13 @@ import torch
 
 from omni.cache import KVCache
 from omni.media import MediaError
-from omni.pipeline import OmniModel, _Detokenizer
+from omni.pipeline import SAMPLE_RATE, SPEECH_SYSTEM_PROMPT, OmniModel, SpeechError, Voice, _Detokenizer, generators
 from omni.processor import Prompt
 from omni.sampling import SamplingParams, sample
-from omni.types import Done, Error, Event, Message, Part, Text, TextDelta
+from omni.types import AudioDelta, Done, Error, Event, Message, Part, PromptStates, Text, TextDelta, ThinkerStep
+from omni.wav import to_pcm16
+from talker import talker as talker_lib
+from talker.talker import TALKER_SAMPLING
 
 log = logging.getLogger("omni.engine")
 
@@ -47,6 +50,7 @@ class EngineConfig:
     max_sessions: int = 8  # conversations at once (KV-cache slots)
     max_context: int = 8192  # tokens per conversation, history included
     max_new_tokens: int = 512  # default reply length limit
+    max_codes: int = 1500  # speech length limit per reply in codec tokens (50 per second: 30 s)
     events_buffered: int = 64  # per response: the worker pauses a response whose consumer is this far behind
     inbox_size: int = 256  # pending commands (turns, cancels, closes)
     preprocess_threads: int = 2  # media decoding / featurising, off the worker and off the event loop
@@ -64,6 +68,9 @@ class _Conv:
     closed_reply: bool = True  # whether the last reply ended with <|im_end|>
     seen: torch.Tensor | None = None  # (V,) bool: tokens in the history (repetition penalty)
     turns: int = 0
+    # (ids, embeds, hidden, positions) of everything in the cache, for the Talker's prefill, which
+    # covers the whole conversation (as a fresh run's would); None when the model cannot speak
+    history: list | None = None
 
 
 @dataclass
@@ -83,6 +90,19 @@ class _Turn:
     t_first: float | None = None
     t_prefill: float = 0.0
     cached: int = 0  # history tokens reused from the cache
+    text_done: bool = False
+    status: str = "completed"
+    speech: bool = False
+    voice: Voice | None = None
+    talker_sampling: SamplingParams = TALKER_SAMPLING
+    talker_generator: torch.Generator | None = None
+    noise_generator: torch.Generator | None = None
+    talker_prompt: PromptStates | None = None
+    talker: object = None  # talker.talker.TalkerState once the first reply token is fed
+    t2w: object = None  # talker.token2wav.Token2WavState
+    audio_index: int = 0
+    audio_samples: int = 0
+    t_first_audio: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) after the last event
 
 
@@ -98,7 +118,13 @@ class _Outbox:
     def put(self, ev: Event) -> None:
         with self.lock:
             self.outstanding += 1
-        self.loop.call_soon_threadsafe(self.q.put_nowait, ev)
+        self.call(self.q.put_nowait, ev)
+
+    def call(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the caller's event loop is gone: nobody is left to deliver to
+            pass
 
     def full(self) -> bool:
         return self.outstanding >= self.limit
@@ -134,8 +160,12 @@ class Conversation:
 
     async def respond(self, parts: Sequence[Part | str], modalities: Sequence[str] = ("text",),
                       sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
-                      seed: int | None = None, role: str = "user") -> AsyncIterator[Event]:
+                      seed: int | None = None, role: str = "user", voice: str | None = None,
+                      talker_sampling: SamplingParams | None = None) -> AsyncIterator[Event]:
         """Add one user turn and stream the reply as events, ending with Done or Error.
+
+        modalities ("text",) or ("text", "audio"): with audio, AudioDelta chunks (PCM16, 24 kHz)
+        arrive interleaved with the text while the Thinker is still writing.
 
         Leaving the loop early cancels the response (what was emitted stays in the history).
         """
@@ -146,9 +176,17 @@ class Conversation:
         if self._consuming:
             yield Error("busy", "this conversation is already responding; cancel it or wait for Done")
             return
-        if "audio" in modalities:
-            yield Error("invalid_request", "audio output is not available in this engine yet")
-            return
+        speech = "audio" in modalities
+        voice_obj = None
+        if speech:
+            try:
+                voice_obj = eng.model.voice(voice or self._state.voice)
+            except SpeechError as e:
+                yield Error("invalid_request", str(e))
+                return
+            if self._state.system not in (None, SPEECH_SYSTEM_PROMPT) and self._state.turns == 0:
+                log.warning("a custom system prompt with audio output: the voice may degrade (Qwen2.5-Omni's speech "
+                            "was trained with its own system prompt; put persona text in a user turn instead)")
         self._consuming = True
         turn = None
         try:
@@ -167,11 +205,11 @@ class Conversation:
                             f"conversation would reach {held + len(prompt) + limit} tokens ({held} held, "
                             f"{len(prompt)} new, {limit} to generate); the limit is {eng.config.max_context}")
                 return
-            gen = None
-            if seed is not None:
-                gen = torch.Generator(device=eng.model.device).manual_seed(seed)
-            turn = _Turn(self._state, prompt, sampling or eng.model.default_sampling(), gen, limit,
-                         _Outbox(loop, eng.config.events_buffered), time.perf_counter())
+            g_text, g_talk, g_noise = generators(seed, eng.model.device)
+            turn = _Turn(self._state, prompt, sampling or eng.model.default_sampling(), g_text, limit,
+                         _Outbox(loop, eng.config.events_buffered), time.perf_counter(), speech=speech,
+                         voice=voice_obj, talker_sampling=talker_sampling or TALKER_SAMPLING,
+                         talker_generator=g_talk, noise_generator=g_noise)
             try:
                 eng._inbox.put_nowait(("turn", turn))
             except queue.Full:
@@ -217,6 +255,10 @@ class Engine:
         self.model, self.config = model, config
         th = model.thinker
         self._cache: KVCache = th.model.allocate_cache(config.max_sessions, config.max_context)
+        self._talker_cache: KVCache | None = None
+        if model.talker is not None:  # the Talker's prefill spans the conversation, then its codes
+            self._talker_cache = model.talker.model.allocate_cache(config.max_sessions,
+                                                                   config.max_context + 2 + config.max_codes)
         self._free = list(range(config.max_sessions))
         self._slots_lock = threading.Lock()
         self._inbox: queue.Queue = queue.Queue(config.inbox_size)
@@ -239,7 +281,8 @@ class Engine:
             slot = self._free.pop(0)
         self._cache.reset(slot)
         vocab = self.model.cfg.thinker_config.text_config.vocab_size
-        state = _Conv(slot, system, voice, seen=torch.zeros(vocab, dtype=torch.bool, device=self.model.device))
+        state = _Conv(slot, system, voice, seen=torch.zeros(vocab, dtype=torch.bool, device=self.model.device),
+                      history=[] if self.model.talker is not None else None)
         return Conversation(self, state)
 
     @property
@@ -264,10 +307,17 @@ class Engine:
                 self._drain(block=not (self._active or self._waiting))
                 if self._waiting:
                     self._prefill(self._waiting.pop(0))
-                runnable = [t for t in self._active if not t.emit.full() or t.cancelled]
-                if runnable:
-                    self._decode(runnable)
-                elif self._active:
+                for t in [t for t in self._active if t.cancelled]:
+                    self._active.remove(t)
+                    self._finish(t)
+                texting = [t for t in self._active if not t.text_done and not t.emit.full()]
+                if texting:
+                    self._decode(texting)
+                speaking = [t for t in self._active if t.talker is not None and talker_lib.ready(t.talker)
+                            and not t.emit.full()]
+                if speaking:
+                    self._speak(speaking)
+                if self._active and not texting and not speaking:
                     time.sleep(0.002)  # every consumer is behind: wait for them
             except Exception as e:  # never let one bad step kill the worker
                 log.exception("engine step failed")
@@ -317,14 +367,20 @@ class Engine:
         if turn.cancelled:
             return self._finish(turn)
         t0 = time.perf_counter()
-        embeds = m.embed_prompt(turn.prompt)
+        p = turn.prompt
+        embeds = m.embed_prompt(p)
         slot = torch.tensor([conv.slot])
         turn.cached = int(self._cache.lengths[conv.slot])
-        hidden = th(embeds, turn.prompt.positions[:, None].to(m.device), self._cache, slot)
+        hidden = th(embeds, p.positions[:, None].to(m.device), self._cache, slot)
         logits = th.lm_head(hidden[:, -1])
         conv.pending, conv.turns = [], conv.turns + 1
-        conv.seen[turn.prompt.input_ids.to(m.device)] = True
-        turn.pos = turn.prompt.next_position
+        conv.seen[p.input_ids.to(m.device)] = True
+        if conv.history is not None:
+            conv.history.append((p.input_ids, embeds[0], hidden[0], p.positions))
+            if turn.speech:
+                turn.talker_prompt = PromptStates(*(torch.cat(x, -1 if i == 3 else 0)
+                                                    for i, x in enumerate(zip(*conv.history))))
+        turn.pos = p.next_position
         turn.detok = _Detokenizer(m.processor.tok)
         turn.t_prefill = time.perf_counter() - t0
         self._active.append(turn)
@@ -332,27 +388,57 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, turns: list[_Turn]) -> None:
+        """One batched Thinker step: feed each turn's last token, sample its next."""
         m, th = self.model, self.model.thinker
-        for t in [t for t in turns if t.cancelled]:
-            self._active.remove(t)
-            self._finish(t)
-        turns = [t for t in turns if not t.cancelled]
-        if not turns:
-            return
         dev = m.device
         tokens = torch.tensor([[t.next_token] for t in turns], device=dev)  # (B, 1)
         positions = torch.tensor([t.pos for t in turns], device=dev).view(1, -1, 1).expand(3, -1, -1)
         slots = torch.tensor([t.conv.slot for t in turns])
-        hidden = th(th.model.embed_tokens(tokens), positions, self._cache, slots)
+        embeds = th.model.embed_tokens(tokens)
+        hidden = th(embeds, positions, self._cache, slots)
         logits = th.lm_head(hidden[:, -1])  # (B, V)
         for i, t in enumerate(turns):
+            fed = t.next_token
+            if t.conv.history is not None:
+                t.conv.history.append((tokens[i].cpu(), embeds[i], hidden[i], positions[:, i].cpu()))
+            if t.speech:
+                self._feed_talker(t, ThinkerStep(fed, embeds[i, 0], hidden[i, 0]))
             t.next_token = None
             t.pos += 1
             t.conv.next_position = t.pos
             self._take(t, logits[i])
 
+    def _feed_talker(self, t: _Turn, step: ThinkerStep) -> None:
+        m = self.model
+        if t.talker is None:
+            t.talker = talker_lib.start(m.talker, m.thinker.model.embed_tokens, t.talker_prompt, t.voice.bos_token,
+                                        step, cache=self._talker_cache, slot=t.conv.slot)
+            t.t2w = m.token2wav.start(t.voice.cond, t.voice.ref_mel, t.noise_generator)
+        else:
+            talker_lib.push(t.talker, step)
+
+    @torch.inference_mode()
+    def _speak(self, turns: list[_Turn]) -> None:
+        """One batched Talker step for every turn that can make its next code; Token2Wav on the codes."""
+        codes = talker_lib.step_batch(self.model.talker, [t.talker for t in turns],
+                                      [t.talker_sampling for t in turns], [t.talker_generator for t in turns])
+        for t, code in zip(turns, codes):
+            chunks = [] if code is None else self.model.token2wav.push(t.t2w, [code])
+            if len(t.talker.codes) >= self.config.max_codes:
+                t.talker.finished = True  # speech length limit
+            if t.talker.finished:
+                chunks += self.model.token2wav.finish(t.t2w)
+            for wave in chunks:
+                if t.t_first_audio is None:
+                    t.t_first_audio = time.perf_counter()
+                t.audio_samples += wave.numel()
+                t.emit.put(AudioDelta(to_pcm16(wave), SAMPLE_RATE, t.audio_index))
+                t.audio_index += 1
+            if t.talker.finished:
+                self._maybe_done(t)
+
     def _take(self, turn: _Turn, logits: torch.Tensor) -> None:
-        """Sample the next token of `turn` from its logits (V,), emit it, or end the turn."""
+        """Sample the next token of `turn` from its logits (V,), emit it, or end the text."""
         conv, m = turn.conv, self.model
         conv.next_position = turn.pos
         tok = int(sample(logits[None], turn.sampling, turn.generator, conv.seen[None])[0])
@@ -360,7 +446,7 @@ class Engine:
             turn.t_first = time.perf_counter()
         if tok in m.stop_ids:
             conv.pending, conv.closed_reply = [m.processor.tok.token_id("<|im_end|>")], True
-            return self._end(turn, "completed")
+            return self._text_end(turn, "completed")
         conv.seen[tok] = True
         turn.generated += 1
         turn.next_token = tok
@@ -368,32 +454,48 @@ class Engine:
         if turn.generated >= turn.max_new_tokens:
             conv.pending, conv.closed_reply = [tok], False
             turn.next_token = None
-            return self._end(turn, "incomplete")
+            return self._text_end(turn, "incomplete")
 
-    def _end(self, turn: _Turn, status: str) -> None:
-        if turn in self._active:
-            self._active.remove(turn)
-        self._finish(turn, status=status)
+    def _text_end(self, turn: _Turn, status: str) -> None:
+        turn.text_done, turn.status = True, status
+        if turn.talker is not None:
+            talker_lib.push(turn.talker, None)  # the Talker says <tts_text_eod>, then pads, to its end
+        self._maybe_done(turn)
+
+    def _maybe_done(self, turn: _Turn) -> None:
+        if turn.text_done and (turn.talker is None or turn.talker.finished):
+            if turn in self._active:
+                self._active.remove(turn)
+            self._finish(turn, status=turn.status)
 
     def _finish(self, turn: _Turn, status: str | None = None, error: Error | None = None) -> None:
         conv = turn.conv
         if turn.cancelled and turn.next_token is not None:
             conv.pending, conv.closed_reply = [turn.next_token], False
         turn.next_token = None
+        turn.emit.call(turn.done.set)  # before the final event, so a caller that saw it sees the turn done
         if error is not None:
             turn.emit.put(error)
         else:
             now = time.perf_counter()
             usage = {"prompt_tokens": len(turn.prompt), "cached_tokens": turn.cached,
                      "completion_tokens": turn.generated}
+            if turn.speech:
+                usage["codec_tokens"] = len(turn.talker.codes) if turn.talker else 0
+                usage["audio_seconds"] = round(turn.audio_samples / SAMPLE_RATE, 3)
             first = turn.t_first
             timings = {"prefill_s": round(turn.t_prefill, 4),
                        "time_to_first_token_s": round(first - turn.t_submit, 4) if first else None,
                        "decode_tokens_per_s": round((turn.generated - 1) / (now - first), 2)
                        if first and turn.generated > 1 and now > first else None,
                        "total_s": round(now - turn.t_submit, 4)}
+            if turn.speech:
+                timings["time_to_first_audio_s"] = (round(turn.t_first_audio - turn.t_submit, 4)
+                                                    if turn.t_first_audio else None)
+            codes = list(turn.talker.codes) if turn.talker is not None else ([] if turn.speech else None)
             if turn.cancelled:
-                turn.emit.put(Done("cancelled", usage, timings, reason=turn.cancelled))
+                turn.emit.put(Done("cancelled", usage, timings, reason=turn.cancelled, codec_ids=codes))
             else:
-                turn.emit.put(Done(status or "completed", usage, timings))
-        turn.emit.loop.call_soon_threadsafe(turn.done.set)
+                turn.emit.put(Done(status or "completed", usage, timings, codec_ids=codes))
+        if turn.talker is not None:
+            turn.talker.reset()  # frees the Talker's KV rows; the Token2Wav state goes with the turn

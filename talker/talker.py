@@ -181,32 +181,30 @@ def ready(state: TalkerState) -> bool:
     return not state.finished and (state.logits is not None or bool(state.queue) or state.reply_ended)
 
 
-@torch.inference_mode()
-def step(talker: Talker, state: TalkerState, next_step: ThinkerStep | None | EllipsisType = ...,
-         sampling: SamplingParams = TALKER_SAMPLING, generator: torch.Generator | None = None,
-         min_codes: int = 0) -> int | None:
-    """Push `next_step` (if given; None = reply ended) and return the next code, or None at codec eos.
+def _next_row(talker: Talker, state: TalkerState) -> torch.Tensor | None:
+    """The input row that yields the next code's logits, or None if they are already there.
 
-    Code k needs reply token k's states, so a driver may call this once per arriving
-    ThinkerStep (running one step behind the Thinker), or call it with no step whenever
-    `ready(state)`. min_codes: eos is blocked until that many codes exist (talker_min_new_tokens).
+    Consumes the next reply token's states (or <tts_text_eod> once the reply ended, then <tts_pad>)
+    and advances the position.
     """
-    if next_step is not ...:
-        push(state, next_step)
     if state.finished:
         raise RuntimeError("the Talker already finished this utterance")
-    if state.logits is None:
-        if state.queue:
-            text = state.queue.popleft()
-        elif state.reply_ended:
-            text, state.eod_fed = (state.pad if state.eod_fed else state.eod), True
-        else:
-            raise RuntimeError("the Talker needs the next ThinkerStep (or None when the reply ended) first")
-        w = talker.thinker_to_talker_proj.weight
-        row = text.to(w.device, w.dtype) + talker.codec_embed(state.codes[-1])
-        pos = torch.full((3, 1, 1), state.position, device=w.device)
-        state.position += 1
-        state.logits = talker(row[None, None], pos, state.cache, torch.tensor([state.slot]), last_only=True)
+    if state.logits is not None:
+        return None
+    if state.queue:
+        text = state.queue.popleft()
+    elif state.reply_ended:
+        text, state.eod_fed = (state.pad if state.eod_fed else state.eod), True
+    else:
+        raise RuntimeError("the Talker needs the next ThinkerStep (or None when the reply ended) first")
+    w = talker.thinker_to_talker_proj.weight
+    state.position += 1
+    return text.to(w.device, w.dtype) + talker.codec_embed(state.codes[-1])
+
+
+def _take(talker: Talker, state: TalkerState, sampling: SamplingParams, generator: torch.Generator | None,
+          min_codes: int) -> int | None:
+    """Sample the next code from `state.logits`; None at codec eos."""
     state.last_logits, state.logits = state.logits, None
     logits = state.last_logits.float().clone()
     logits[:, talker.cfg.tts_codec_start_token_id] = float("-inf")
@@ -219,6 +217,45 @@ def step(talker: Talker, state: TalkerState, next_step: ThinkerStep | None | Ell
     state.codes.append(code)
     state.seen[0, code] = True
     return code
+
+
+@torch.inference_mode()
+def step(talker: Talker, state: TalkerState, next_step: ThinkerStep | None | EllipsisType = ...,
+         sampling: SamplingParams = TALKER_SAMPLING, generator: torch.Generator | None = None,
+         min_codes: int = 0) -> int | None:
+    """Push `next_step` (if given; None = reply ended) and return the next code, or None at codec eos.
+
+    Code k needs reply token k's states, so a driver may call this once per arriving
+    ThinkerStep (running one step behind the Thinker), or call it with no step whenever
+    `ready(state)`. min_codes: eos is blocked until that many codes exist (talker_min_new_tokens).
+    """
+    if next_step is not ...:
+        push(state, next_step)
+    return step_batch(talker, [state], [sampling], [generator], min_codes)[0]
+
+
+@torch.inference_mode()
+def step_batch(talker: Talker, states: list[TalkerState], samplings: list[SamplingParams],
+               generators: list[torch.Generator | None], min_codes: int = 0) -> list[int | None]:
+    """One code for each of several utterances (each `ready`), with one batched forward.
+
+    All states must share one KV cache (their own slots in it). Equal, row by row, to calling
+    `step` on each.
+    """
+    rows, need = [], []
+    for st in states:
+        row = _next_row(talker, st)
+        if row is not None:
+            rows.append(row)
+            need.append(st)
+    if need:
+        dev = rows[0].device
+        positions = torch.tensor([st.position - 1 for st in need], device=dev).view(1, -1, 1).expand(3, -1, -1)
+        slots = torch.tensor([st.slot for st in need])
+        logits = talker(torch.stack(rows)[:, None], positions, need[0].cache, slots, last_only=True)  # (B, V)
+        for i, st in enumerate(need):
+            st.logits = logits[i:i + 1]
+    return [_take(talker, st, sp, g, min_codes) for st, sp, g in zip(states, samplings, generators)]
 
 
 def generate_codes(talker: Talker, thinker_embed: nn.Embedding, prompt: PromptStates, steps: list[ThinkerStep],

@@ -64,7 +64,9 @@ class Token2Wav:
 
     def start(self, cond: torch.Tensor, ref_mel: torch.Tensor, generator: torch.Generator | None = None) -> Token2WavState:
         """cond (1, enc_emb_dim), ref_mel (1, T_ref, mel_dim) of the voice (spk_dict.pt)."""
-        cond, ref_mel = cond.float().reshape(1, -1), ref_mel.float().reshape(1, -1, ref_mel.shape[-1])
+        dev = self.dit.proj_out.weight.device
+        cond = cond.float().reshape(1, -1).to(dev)
+        ref_mel = ref_mel.float().reshape(1, -1, ref_mel.shape[-1]).to(dev)
         with torch.no_grad():
             spk = self.dit.speaker(ref_mel)
         return Token2WavState(cond=cond, ref_mel=ref_mel, generator=generator, spk=spk)
@@ -105,9 +107,10 @@ class Token2Wav:
         while state.noise is None or state.noise.shape[1] < r * w1:
             new = draw_noise(state.generator, 1, piece, self.dit.cfg.mel_dim)
             state.noise = new if state.noise is None else torch.cat([state.noise, new], dim=1)
-        codes = torch.tensor(state.codes[w0:w1]).unsqueeze(0)
+        dev = self.dit.proj_out.weight.device  # noise is drawn on the CPU generator, the DiT may be on CUDA
+        codes = torch.tensor(state.codes[w0:w1], device=dev).unsqueeze(0)
         mel = sample_mel(self.dit, codes, state.ref_mel, state.cond, steps=o.steps, guidance_scale=o.guidance_scale,
-                         sway=o.sway, noise=state.noise[:, r * w0:r * w1], spk=state.spk, start=r * w0)
+                         sway=o.sway, noise=state.noise[:, r * w0:r * w1].to(dev), spk=state.spk, start=r * w0)
         mel = mel[..., r * (s - w0):r * (e - w0)]  # (1, mel_dim, r * (e - s))
         state.mel = mel if state.mel is None else torch.cat([state.mel, mel], dim=-1)
         state.codes_done = e
