@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-audio-in-video", action=argparse.BooleanOptionalAction, default=None,
                    help="feed a video's sound track with its frames (default: on for videos with sound)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--speak", metavar="WAV", help="also speak the answer: write 24 kHz 16-bit WAV here "
+                   "('-': raw PCM16 to stdout, text to stderr)")
+    g.add_argument("--voice", help="voice from the checkpoint's spk_dict.pt (official: Chelsie, Ethan; default Chelsie)")
+    g.add_argument("--max-audio-seconds", type=float, default=30.0, help="speech length limit (default 30)")
+    g.add_argument("--max-context", type=int, default=16384, help="context limit in tokens (default 16384)")
     _add_model_args(g)
     g.set_defaults(media=[], func=cmd_generate)
     for module in SUBCOMMANDS:
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add a subcommand: each has `add_parser(subparsers, add_model_args)`, kept cheap to
 # import (heavy imports inside the handler), and sets `func` on its parser.
-SUBCOMMANDS: list[str] = []
+SUBCOMMANDS: list[str] = ["omni.jobs.caption"]
 
 
 def resolve_model(path: str | None) -> Path:
@@ -77,43 +82,90 @@ def _dtype(name: str | None):
 
 
 def cmd_generate(args) -> int:
-    import torch
+    import asyncio
 
-    from omni.pipeline import GenerationResult, OmniModel
+    from omni.pipeline import OmniModel
     from omni.processor import MediaOptions
     from omni.sampling import GREEDY
-    from omni.types import Audio, Image, Message, Text, Video
+    from omni.types import Audio, AudioDelta, Done, Error, Image, Text, TextDelta, Video
+    from omni.wav import WavWriter
+    from streaming.engine import Engine, EngineConfig
 
-    t0 = time.perf_counter()
-    model_dir = resolve_model(args.model)
-    model = OmniModel.load(model_dir, device=args.device, dtype=_dtype(args.dtype),
-                           options=MediaOptions(use_audio_in_video=args.use_audio_in_video))
-    t_load = time.perf_counter() - t0
     parts = []
     for kind, path in args.media:
-        if not Path(path).exists():
+        if not Path(path).is_file():
             raise UserError(f"{path}: no such file")
         parts.append({"image": Image, "audio": Audio, "video": Video}[kind](path))
     if args.prompt:
         parts.append(Text(args.prompt))
     if not parts:
         raise UserError("nothing to answer: give a prompt and/or --image/--audio/--video")
-    messages = ([Message.of("system", args.system)] if args.system else []) + [Message("user", parts)]
-    t1 = time.perf_counter()
-    prompt = model.processor(messages)
-    t_proc = time.perf_counter() - t1
-    gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    result = GenerationResult()
-    for ev in model.generate_text(prompt, args.max_new_tokens, GREEDY if args.greedy else None, gen, result):
-        if not args.json:
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
-    timings = {"load_s": round(t_load, 4), "preprocess_s": round(t_proc, 4), **result.timings}
+    speak = args.speak is not None
+    to_stdout = args.speak == "-"
+    if speak and not to_stdout and not Path(args.speak).resolve().parent.is_dir():
+        raise UserError(f"{args.speak}: cannot write there (no such directory)")
+
+    t0 = time.perf_counter()
+    model_dir = resolve_model(args.model)
+    model = OmniModel.load(model_dir, device=args.device, dtype=_dtype(args.dtype), speech=speak,
+                           options=MediaOptions(use_audio_in_video=args.use_audio_in_video))
+    if speak:
+        model.voice(args.voice)  # an unknown voice fails here, before any work
+    t_load = time.perf_counter() - t0
+    engine = Engine(model, EngineConfig(max_sessions=1, max_context=args.max_context,
+                                        max_new_tokens=args.max_new_tokens,
+                                        max_codes=int(args.max_audio_seconds * 50)))
+    text_out = sys.stderr if to_stdout else sys.stdout
+    writer = None
+    token_ids, text, done = [], [], None
+    try:
+        if speak and not to_stdout:
+            try:
+                writer = WavWriter(args.speak)
+            except OSError as e:
+                raise UserError(f"{args.speak}: cannot write ({e.strerror})") from None
+
+        async def run():
+            nonlocal done
+            conv = engine.open_conversation(voice=args.voice, system=args.system)
+            async for ev in conv.respond(parts, modalities=("text", "audio") if speak else ("text",),
+                                         sampling=GREEDY if args.greedy else None, seed=args.seed):
+                if isinstance(ev, TextDelta):
+                    token_ids.append(ev.token_id)
+                    text.append(ev.text)
+                    if not args.json:
+                        text_out.write(ev.text)
+                        text_out.flush()
+                elif isinstance(ev, AudioDelta):
+                    if to_stdout:
+                        sys.stdout.buffer.write(ev.pcm)
+                        sys.stdout.buffer.flush()
+                    else:
+                        writer.write(ev.pcm)
+                elif isinstance(ev, Error):
+                    raise UserError(ev.message)
+                elif isinstance(ev, Done):
+                    done = ev
+
+        asyncio.run(run())
+        if writer is not None:
+            writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()  # never leave a half-written WAV
+        engine.shutdown()
+    timings = {"load_s": round(t_load, 4), **done.timings}
     if args.json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
-                          "finish_reason": result.finish_reason, "model": str(model_dir), "timings": timings}))
+        out = {"text": "".join(text), "token_ids": token_ids, "prompt_tokens": done.usage["prompt_tokens"],
+               "finish_reason": "stop" if done.status == "completed" else "length", "model": str(model_dir),
+               "timings": timings}
+        if speak:
+            out.update(codec_ids=done.codec_ids, audio_seconds=done.usage["audio_seconds"],
+                       time_to_first_audio=timings.get("time_to_first_audio_s"))
+        print(json.dumps(out), file=sys.stderr if to_stdout else sys.stdout)
     else:
-        sys.stdout.write("\n")
+        text_out.write("\n")
         log.info("timings %s", timings)
     return 0
 
@@ -127,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="omni: %(message)s")
     from omni.config import ConfigError
     from omni.media import MediaError
+    from omni.pipeline import SpeechError
     from omni.tokenizer import TokenizerError
     from omni.weights import CheckpointError
 
-    known = (UserError, MediaError, ConfigError, CheckpointError, TokenizerError)
+    known = (UserError, MediaError, ConfigError, CheckpointError, TokenizerError, SpeechError)
     try:
         return args.func(args)
     except known as e:

@@ -185,8 +185,8 @@ class Conversation:
                 yield Error("invalid_request", str(e))
                 return
             if self._state.system not in (None, SPEECH_SYSTEM_PROMPT) and self._state.turns == 0:
-                log.warning("a custom system prompt with audio output: the voice may degrade (Qwen2.5-Omni's speech "
-                            "was trained with its own system prompt; put persona text in a user turn instead)")
+                log.warning("warning: a custom system prompt with audio output may degrade the voice (Qwen2.5-Omni's "
+                            "speech was trained with its own system prompt); put persona text in a user turn instead")
         self._consuming = True
         turn = None
         try:

@@ -139,3 +139,52 @@ def test_bad_input_is_one_line_and_nonzero(cache, embedded_dir, tmp_path, case):
 def test_debug_shows_the_traceback(cache, embedded_dir, tmp_path):
     r = omni(cache, "generate", "x", "--image", str(tmp_path / "nope.jpg"), "--debug", check=False)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_speak_writes_a_wav_matching_the_codes(cache, embedded_dir, tmp_path):
+    import wave
+
+    out = tmp_path / "answer.wav"
+    r = omni(cache, "generate", "Answer briefly.", "--speak", str(out), "--voice", "Ethan", "--json",
+             "--max-new-tokens", "6", "--max-audio-seconds", "1.5")
+    d = json.loads(r.stdout)
+    assert len(d["codec_ids"]) == 75 and d["audio_seconds"] == 1.5 and d["time_to_first_audio"] > 0
+    with wave.open(str(out)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        assert w.getnframes() == 480 * len(d["codec_ids"])
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_speak_to_stdout_is_raw_pcm(cache, embedded_dir):
+    env = {**os.environ, "OMNI_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "omni", "generate", "Hi", "--speak", "-", "--max-new-tokens", "3",
+                        "--max-audio-seconds", "0.5", "--greedy"], capture_output=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == 25 * 480 * 2  # 0.5 s: 25 codes of 480 samples, 2 bytes each; text went to stderr
+
+
+@pytest.mark.parametrize("case", ["unknown_voice", "no_voices", "unwritable", "bad_media"])
+def test_speech_errors_are_one_line_and_leave_no_file(cache, embedded_dir, tmp_path, case):
+    out = tmp_path / "out.wav"
+    args = ["generate", "Hi", "--speak", str(out), "--max-new-tokens", "3", "--max-audio-seconds", "0.5"]
+    if case == "unknown_voice":
+        args += ["--voice", "Nobody"]
+    elif case == "no_voices":
+        model = tmp_path / "model"
+        model.mkdir()
+        for f in embedded_dir.iterdir():
+            if f.name != "spk_dict.pt":
+                (model / f.name).symlink_to(f)
+        args += ["--model", str(model)]
+    elif case == "unwritable":
+        args[3] = str(tmp_path / "missing_dir" / "out.wav")
+    else:
+        (tmp_path / "x.mp4").write_text("not a video")
+        args += ["--video", str(tmp_path / "x.mp4")]
+    r = omni(cache, *args, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = [l for l in r.stderr.splitlines() if l.startswith("omni: error")]
+    assert len(line) == 1
+    assert {"unknown_voice": "Chelsie, Ethan", "no_voices": "spk_dict.pt", "unwritable": "missing_dir",
+            "bad_media": "x.mp4"}[case] in line[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.wav*"))
