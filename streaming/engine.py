@@ -100,6 +100,8 @@ class _Turn:
     talker_prompt: PromptStates | None = None
     talker: object = None  # talker.talker.TalkerState once the first reply token is fed
     t2w: object = None  # talker.token2wav.Token2WavState
+    min_new_tokens: int = 0
+    min_codes: int = 0
     audio_index: int = 0
     audio_samples: int = 0
     t_first_audio: float | None = None
@@ -161,11 +163,13 @@ class Conversation:
     async def respond(self, parts: Sequence[Part | str], modalities: Sequence[str] = ("text",),
                       sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
                       seed: int | None = None, role: str = "user", voice: str | None = None,
-                      talker_sampling: SamplingParams | None = None) -> AsyncIterator[Event]:
+                      talker_sampling: SamplingParams | None = None, min_new_tokens: int = 0,
+                      min_codes: int = 0) -> AsyncIterator[Event]:
         """Add one user turn and stream the reply as events, ending with Done or Error.
 
         modalities ("text",) or ("text", "audio"): with audio, AudioDelta chunks (PCM16, 24 kHz)
-        arrive interleaved with the text while the Thinker is still writing.
+        arrive interleaved with the text while the Thinker is still writing. min_new_tokens /
+        min_codes hold off the end of the text / speech (benchmarks force equal lengths with them).
 
         Leaving the loop early cancels the response (what was emitted stays in the history).
         """
@@ -209,7 +213,8 @@ class Conversation:
             turn = _Turn(self._state, prompt, sampling or eng.model.default_sampling(), g_text, limit,
                          _Outbox(loop, eng.config.events_buffered), time.perf_counter(), speech=speech,
                          voice=voice_obj, talker_sampling=talker_sampling or TALKER_SAMPLING,
-                         talker_generator=g_talk, noise_generator=g_noise)
+                         talker_generator=g_talk, noise_generator=g_noise, min_new_tokens=min_new_tokens,
+                         min_codes=min_codes)
             try:
                 eng._inbox.put_nowait(("turn", turn))
             except queue.Full:
@@ -260,6 +265,7 @@ class Engine:
             self._talker_cache = model.talker.model.allocate_cache(config.max_sessions,
                                                                    config.max_context + 2 + config.max_codes)
         self._free = list(range(config.max_sessions))
+        self._stop_ids = torch.tensor(sorted(model.stop_ids), device=model.device)
         self._slots_lock = threading.Lock()
         self._inbox: queue.Queue = queue.Queue(config.inbox_size)
         self._pool = concurrent.futures.ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="omni-prep")
@@ -421,7 +427,8 @@ class Engine:
     def _speak(self, turns: list[_Turn]) -> None:
         """One batched Talker step for every turn that can make its next code; Token2Wav on the codes."""
         codes = talker_lib.step_batch(self.model.talker, [t.talker for t in turns],
-                                      [t.talker_sampling for t in turns], [t.talker_generator for t in turns])
+                                      [t.talker_sampling for t in turns], [t.talker_generator for t in turns],
+                                      [t.min_codes for t in turns])
         for t, code in zip(turns, codes):
             chunks = [] if code is None else self.model.token2wav.push(t.t2w, [code])
             if len(t.talker.codes) >= self.config.max_codes:
@@ -441,6 +448,9 @@ class Engine:
         """Sample the next token of `turn` from its logits (V,), emit it, or end the text."""
         conv, m = turn.conv, self.model
         conv.next_position = turn.pos
+        if turn.generated < turn.min_new_tokens:
+            logits = logits.clone()
+            logits[self._stop_ids] = float("-inf")
         tok = int(sample(logits[None], turn.sampling, turn.generator, conv.seen[None])[0])
         if turn.t_first is None:
             turn.t_first = time.perf_counter()

@@ -236,12 +236,13 @@ def step(talker: Talker, state: TalkerState, next_step: ThinkerStep | None | Ell
 
 @torch.inference_mode()
 def step_batch(talker: Talker, states: list[TalkerState], samplings: list[SamplingParams],
-               generators: list[torch.Generator | None], min_codes: int = 0) -> list[int | None]:
+               generators: list[torch.Generator | None], min_codes: int | list[int] = 0) -> list[int | None]:
     """One code for each of several utterances (each `ready`), with one batched forward.
 
     All states must share one KV cache (their own slots in it). Equal, row by row, to calling
-    `step` on each.
+    `step` on each. min_codes: one for all, or one per state.
     """
+    mins = min_codes if isinstance(min_codes, list) else [min_codes] * len(states)
     rows, need = [], []
     for st in states:
         row = _next_row(talker, st)
@@ -255,7 +256,7 @@ def step_batch(talker: Talker, states: list[TalkerState], samplings: list[Sampli
         logits = talker(torch.stack(rows)[:, None], positions, need[0].cache, slots, last_only=True)  # (B, V)
         for i, st in enumerate(need):
             st.logits = logits[i:i + 1]
-    return [_take(talker, st, sp, g, min_codes) for st, sp, g in zip(states, samplings, generators)]
+    return [_take(talker, st, sp, g, m) for st, sp, g, m in zip(states, samplings, generators, mins)]
 
 
 def generate_codes(talker: Talker, thinker_embed: nn.Embedding, prompt: PromptStates, steps: list[ThinkerStep],
