@@ -1,7 +1,8 @@
 """Streaming Token2Wav: codec codes pushed as they come -> 24 kHz waveform chunks.
 
 transformers has no streaming token2wav; this follows the usual scheme (FACTS.md). Codes are cut
-into DiT chunks of `chunk_codes`; each chunk's mel comes from a full RK4 sampling over a window
+into DiT chunks of `chunk_codes`, then twice that, up to `max_chunk_codes` (less context is
+recomputed per second of audio once the first chunk is out); each chunk's mel comes from a full RK4 sampling over a window
 that adds `back_codes` before and `ahead_codes` after it, on the utterance's own positions, block
 grid and noise (so a window is a slice of the one-shot problem). Each DiT output depends on
 neighbouring blocks and the ODE compounds that over 36 evaluations, so a window differs slightly
@@ -25,7 +26,8 @@ from talker.dit import DiT, draw_noise, sample_mel
 
 @dataclass(frozen=True)
 class StreamOptions:
-    chunk_codes: int = 24  # codes per DiT chunk (48 mel frames, 0.48 s of audio)
+    chunk_codes: int = 24  # codes in the first DiT chunk (48 mel frames, 0.48 s of audio)
+    max_chunk_codes: int = 96  # later chunks double up to this: less recomputed context per second of audio
     ahead_codes: int = 12  # future codes the DiT window sees; first chunk once chunk+ahead = 36 codes exist
     back_codes: int = 24  # past codes the DiT window sees (their mel is recomputed and dropped)
     voc_context: int = 20  # mel frames of vocoder context each side (>= 20: equals one-shot in fp32)
@@ -46,14 +48,31 @@ class Token2WavState:
     noise: torch.Tensor | None = None  # (1, frames drawn, mel_dim), drawn in fixed pieces
     mel: torch.Tensor | None = None  # (1, mel_dim, final frames)
     codes_done: int = 0  # codes whose mel is final
+    chunks_done: int = 0
     frames_vocoded: int = 0  # mel frames turned into waveform
     finished: bool = False
 
     def reset(self) -> None:
         """Forget the utterance, keep the voice and generator (reseed it for a reproducible rerun)."""
         self.codes, self.noise, self.mel = [], None, None
-        self.codes_done = self.frames_vocoded = 0
+        self.codes_done = self.frames_vocoded = self.chunks_done = 0
         self.finished = False
+
+
+def chunk_size(o: StreamOptions, index: int) -> int:
+    """Codes in DiT chunk `index`: chunk_codes, then doubling up to max_chunk_codes."""
+    return min(max(o.max_chunk_codes, o.chunk_codes), o.chunk_codes * 2 ** index)
+
+
+def chunk_bounds(o: StreamOptions, n_codes: int) -> list[tuple[int, int]]:
+    """(start, end) codes of each DiT chunk of a finished utterance of n_codes, however they arrived."""
+    bounds, s = [], 0
+    while s < n_codes:
+        size = chunk_size(o, len(bounds))
+        e = s + size if n_codes >= s + size + o.ahead_codes else n_codes
+        bounds.append((s, e))
+        s = e
+    return bounds
 
 
 class Token2Wav:
@@ -88,13 +107,15 @@ class Token2Wav:
         n = len(state.codes)
         while state.codes_done < n:
             s = state.codes_done
-            if n >= s + o.chunk_codes + o.ahead_codes:
-                e = s + o.chunk_codes
+            size = chunk_size(o, state.chunks_done)
+            if n >= s + size + o.ahead_codes:
+                e = s + size
             elif state.finished:
                 e = n  # the rest fits in this window: one window, no extra seam
             else:
                 break
             self._dit_chunk(state, s, e)
+            state.chunks_done += 1
             out += self._vocode(state)
         out += self._vocode(state)
         return [w for w in out if w.numel()]
