@@ -243,6 +243,20 @@ class Conversation:
         return proc(msgs, start=s.next_position, prefix_ids=s.pending, prefix_text=continuation_text(s.closed_reply),
                     default_system=False)
 
+    @property
+    def turns(self) -> int:
+        return self._state.turns
+
+    def set_system(self, system: str | None) -> bool:
+        """Set the system prompt; only before the first turn (after it, the prompt is in the cache).
+
+        Returns whether it took effect.
+        """
+        if self._state.turns or self._consuming:
+            return False
+        self._state.system = system
+        return True
+
     def cancel(self, reason: str = "client_cancelled") -> None:
         """Stop the current response within one decode step; what was emitted stays in the history."""
         if self._turn is not None and not self._turn.done.is_set():
