@@ -443,12 +443,16 @@ class Engine:
         codes = talker_lib.step_batch(self.model.talker, [t.talker for t in turns],
                                       [t.talker_sampling for t in turns], [t.talker_generator for t in turns],
                                       [t.min_codes for t in turns])
+        t2w = self.model.token2wav
         for t, code in zip(turns, codes):
-            chunks = [] if code is None else self.model.token2wav.push(t.t2w, [code])
+            if code is not None:
+                t2w.add(t.t2w, [code])
             if len(t.talker.codes) >= self.config.max_codes:
                 t.talker.finished = True  # speech length limit
             if t.talker.finished:
-                chunks += self.model.token2wav.finish(t.t2w)
+                t.t2w.finished = True
+        # every conversation's ready DiT windows run as one batch
+        for t, chunks in zip(turns, t2w.advance([t.t2w for t in turns])):
             for wave in chunks:
                 if t.t_first_audio is None:
                     t.t_first_audio = time.perf_counter()

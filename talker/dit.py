@@ -169,7 +169,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(c.hidden_size, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, c.hidden_size)])
 
-    def forward(self, x, cos, sin, mask):  # x (B, T, D); cos/sin (T, hd); mask (T, T) bool
+    def forward(self, x, cos, sin, mask):  # x (B, T, D); cos/sin (T, hd) or (B, 1, T, hd); mask (T, T) or (B, 1, T, T)
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))  # (B, nh, T, hd)
         # The checkpoint was trained with interleaved rotary on the first head only.
@@ -230,12 +230,13 @@ class DiT(nn.Module):
     def speaker(self, ref_mel):  # (B, T_ref, mel_dim) -> (B, enc_dim)
         return self.input_embed.spk_encoder(ref_mel)
 
-    def forward(self, x, spk, cond, codes, t, start: int = 0):
+    def forward(self, x, spk, cond, codes, t, start: int | torch.Tensor = 0):
         """One velocity evaluation.
 
         x (B, T, mel_dim) noisy mel; spk (B, enc_dim) = speaker(ref_mel); cond (B, enc_emb_dim) the
         voice vector; codes (B, T / repeats) codec ids (0 = the "dropped" code used by CFG); t (B,)
-        flow time; start: absolute mel frame of x[:, 0]. Returns the velocity (B, T, mel_dim).
+        flow time; start: absolute mel frame of x[:, 0], one for all rows or (B,) one per row (windows
+        of several utterances in one batch). Returns the velocity (B, T, mel_dim).
         """
         c = self.cfg
         B, T, _ = x.shape
@@ -245,12 +246,15 @@ class DiT(nn.Module):
         code = torch.repeat_interleave(self.text_embed.codec_embed(codes), c.repeats, dim=1)  # (B, T, emb_dim)
         h = torch.cat((x, spk.unsqueeze(1).expand(B, T, -1), code, cond.unsqueeze(1).expand(B, T, -1)), dim=-1)
         h = self.input_embed.proj(h)  # (B, T, D)
-        pos = torch.arange(start, start + T)
-        freqs = pos[:, None].float() * self.inv_freq
+        per_row = torch.is_tensor(start) and start.dim() == 1
+        pos = (start.view(-1, 1).cpu() if per_row else start) + torch.arange(T)  # (B, T) or (T,)
+        freqs = pos[..., None].float() * self.inv_freq.cpu()
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()  # (T, hd)
+        cos, sin = emb.cos().to(x.device), emb.sin().to(x.device)  # (T, hd) or (B, T, hd)
         blk = pos // c.block_size
-        block_diff = blk[None, :] - blk[:, None]  # (T, T): key block - query block
+        block_diff = (blk[..., None, :] - blk[..., :, None]).to(x.device)  # (.., T, T): key block - query block
+        if per_row:
+            cos, sin, block_diff = cos[:, None], sin[:, None], block_diff[:, None]
         for layer in self.transformer_blocks:
             h = layer(h, temb, cos, sin, block_diff)
         scale, shift = torch.chunk(self.norm_out.linear(F.silu(temb)), 2, dim=1)
@@ -284,19 +288,25 @@ def sample_mel(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     spk: torch.Tensor | None = None,
-    start: int = 0,
+    start: int | torch.Tensor = 0,
+    spk_null: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """codes (B, T_codes) -> mel (B, mel_dim, repeats * T_codes).
 
     RK4 (3/8 rule) over `steps` time points with classifier-free guidance, as transformers'
     `sample`. noise (B, T, mel_dim) overrides drawing from `generator`. spk (B, enc_dim) may be
-    passed precomputed (it depends on ref_mel only). start: absolute mel frame of the window.
+    passed precomputed (it depends on ref_mel only). start: absolute mel frame of the window, or
+    (B,) one per row when windows of several utterances share the batch. spk_null (B, enc_dim):
+    speaker(zeros like ref_mel), the CFG half's voice, if already computed.
     """
     c = dit.cfg
     B = codes.shape[0]
     T = codes.shape[1] * c.repeats
-    if start + T > c.max_position_embeddings:
-        raise ValueError(f"mel length {start + T} exceeds dit max_position_embeddings {c.max_position_embeddings}; pass fewer codes")
+    last = int(start.max()) if torch.is_tensor(start) else start
+    if last + T > c.max_position_embeddings:
+        raise ValueError(f"mel length {last + T} exceeds dit max_position_embeddings {c.max_position_embeddings}; pass fewer codes")
+    if torch.is_tensor(start) and guidance_scale >= 1e-5:
+        start = torch.cat([start, start])  # the unconditioned half of the CFG batch sits at the same frames
     y = noise if noise is not None else draw_noise(generator, B, T, c.mel_dim)
     if y.shape != (B, T, c.mel_dim):
         raise ValueError(f"noise must be {(B, T, c.mel_dim)}; got {tuple(y.shape)}")
@@ -305,7 +315,7 @@ def sample_mel(
         spk = dit.speaker(ref_mel)
     if guidance_scale >= 1e-5:
         # batch [conditioned; unconditioned]: no voice, no reference mel, all codes -> 0
-        spk = torch.cat([spk, dit.speaker(torch.zeros_like(ref_mel))], dim=0)
+        spk = torch.cat([spk, dit.speaker(torch.zeros_like(ref_mel)) if spk_null is None else spk_null], dim=0)
         cond = torch.cat([cond, torch.zeros_like(cond)], dim=0)
         codes = torch.cat([codes, torch.zeros_like(codes)], dim=0)
 

@@ -44,6 +44,7 @@ class Token2WavState:
     ref_mel: torch.Tensor  # (1, T_ref, mel_dim) voice reference mel
     generator: torch.Generator | None = None
     spk: torch.Tensor | None = None  # (1, enc_dim) ECAPA(ref_mel), computed once
+    spk_null: torch.Tensor | None = None  # (1, enc_dim) ECAPA(zeros): the CFG half's voice
     codes: list[int] = field(default_factory=list)
     noise: torch.Tensor | None = None  # (1, frames drawn, mel_dim), drawn in fixed pieces
     mel: torch.Tensor | None = None  # (1, mel_dim, final frames)
@@ -87,54 +88,84 @@ class Token2Wav:
         cond = cond.float().reshape(1, -1).to(dev)
         ref_mel = ref_mel.float().reshape(1, -1, ref_mel.shape[-1]).to(dev)
         with torch.no_grad():
-            spk = self.dit.speaker(ref_mel)
-        return Token2WavState(cond=cond, ref_mel=ref_mel, generator=generator, spk=spk)
+            spk, spk_null = self.dit.speaker(ref_mel), self.dit.speaker(torch.zeros_like(ref_mel))
+        return Token2WavState(cond=cond, ref_mel=ref_mel, generator=generator, spk=spk, spk_null=spk_null)
 
     def push(self, state: Token2WavState, codes) -> list[torch.Tensor]:
         """Add codec codes (ids < num_embeds; no end token); returns the waveform chunks now final, each (samples,)."""
-        if state.finished:
-            raise RuntimeError("push after finish; call state.reset() to start a new utterance")
-        state.codes.extend(int(c) for c in (codes.reshape(-1).tolist() if torch.is_tensor(codes) else codes))
-        return self._advance(state)
+        self.add(state, codes)
+        return self.advance([state])[0]
 
     def finish(self, state: Token2WavState) -> list[torch.Tensor]:
         """The utterance ended: returns the remaining waveform chunks."""
         state.finished = True
-        return self._advance(state)
+        return self.advance([state])[0]
 
-    def _advance(self, state: Token2WavState) -> list[torch.Tensor]:
-        o, out = self.opt, []
-        n = len(state.codes)
-        while state.codes_done < n:
-            s = state.codes_done
-            size = chunk_size(o, state.chunks_done)
-            if n >= s + size + o.ahead_codes:
-                e = s + size
-            elif state.finished:
-                e = n  # the rest fits in this window: one window, no extra seam
-            else:
+    def add(self, state: Token2WavState, codes) -> None:
+        """Add codes without running anything yet (see `advance`)."""
+        if state.finished:
+            raise RuntimeError("push after finish; call state.reset() to start a new utterance")
+        state.codes.extend(int(c) for c in (codes.reshape(-1).tolist() if torch.is_tensor(codes) else codes))
+
+    def advance(self, states: list[Token2WavState]) -> list[list[torch.Tensor]]:
+        """Run every DiT chunk that is ready, for several utterances at once; their waveform chunks.
+
+        Windows of equal length from different utterances go through the DiT as one batch (each
+        row at its own frames, voice and noise); the result equals advancing each on its own.
+        """
+        out: dict[int, list[torch.Tensor]] = {id(st): [] for st in states}
+        while True:
+            jobs = [(st, *b) for st in states if (b := self._next_chunk(st)) is not None]
+            if not jobs:
                 break
-            self._dit_chunk(state, s, e)
-            state.chunks_done += 1
-            out += self._vocode(state)
-        out += self._vocode(state)
-        return [w for w in out if w.numel()]
+            groups: dict[int, list] = {}
+            for job in jobs:
+                w0, w1 = self._window(*job)
+                groups.setdefault(w1 - w0, []).append(job)
+            for group in groups.values():
+                self._dit_chunks(group)
+            for st, _, _ in jobs:
+                st.chunks_done += 1
+                out[id(st)] += self._vocode(st)
+        return [[w for w in out[id(st)] + self._vocode(st) if w.numel()] for st in states]
+
+    def _next_chunk(self, state: Token2WavState) -> tuple[int, int] | None:
+        o, n, s = self.opt, len(state.codes), state.codes_done
+        if s >= n:
+            return None
+        size = chunk_size(o, state.chunks_done)
+        if n >= s + size + o.ahead_codes:
+            return s, s + size
+        return (s, n) if state.finished else None  # the rest fits in one window: no extra seam
+
+    def _window(self, state: Token2WavState, s: int, e: int) -> tuple[int, int]:
+        return max(0, s - self.opt.back_codes), min(len(state.codes), e + self.opt.ahead_codes)
 
     @torch.no_grad()
-    def _dit_chunk(self, state: Token2WavState, s: int, e: int) -> None:
+    def _dit_chunks(self, jobs: list[tuple[Token2WavState, int, int]]) -> None:
+        """DiT windows of equal length, one per utterance, in one batch."""
         o, r = self.opt, self.dit.cfg.repeats
-        w0, w1 = max(0, s - o.back_codes), min(len(state.codes), e + o.ahead_codes)
-        piece = r * o.chunk_codes
-        while state.noise is None or state.noise.shape[1] < r * w1:
-            new = draw_noise(state.generator, 1, piece, self.dit.cfg.mel_dim)
-            state.noise = new if state.noise is None else torch.cat([state.noise, new], dim=1)
         dev = self.dit.proj_out.weight.device  # noise is drawn on the CPU generator, the DiT may be on CUDA
-        codes = torch.tensor(state.codes[w0:w1], device=dev).unsqueeze(0)
-        mel = sample_mel(self.dit, codes, state.ref_mel, state.cond, steps=o.steps, guidance_scale=o.guidance_scale,
-                         sway=o.sway, noise=state.noise[:, r * w0:r * w1].to(dev), spk=state.spk, start=r * w0)
-        mel = mel[..., r * (s - w0):r * (e - w0)]  # (1, mel_dim, r * (e - s))
-        state.mel = mel if state.mel is None else torch.cat([state.mel, mel], dim=-1)
-        state.codes_done = e
+        piece = r * o.chunk_codes
+        codes, noise, starts = [], [], []
+        for st, s, e in jobs:
+            w0, w1 = self._window(st, s, e)
+            while st.noise is None or st.noise.shape[1] < r * w1:
+                new = draw_noise(st.generator, 1, piece, self.dit.cfg.mel_dim)
+                st.noise = new if st.noise is None else torch.cat([st.noise, new], dim=1)
+            codes.append(torch.tensor(st.codes[w0:w1]))
+            noise.append(st.noise[0, r * w0:r * w1])
+            starts.append(r * w0)
+        cat = lambda name: torch.cat([getattr(st, name) for st, _, _ in jobs])  # noqa: E731
+        start = starts[0] if len(jobs) == 1 else torch.tensor(starts)
+        mel = sample_mel(self.dit, torch.stack(codes).to(dev), jobs[0][0].ref_mel, cat("cond"), steps=o.steps,
+                         guidance_scale=o.guidance_scale, sway=o.sway, noise=torch.stack(noise).to(dev),
+                         spk=cat("spk"), spk_null=cat("spk_null"), start=start)
+        for i, (st, s, e) in enumerate(jobs):
+            w0 = self._window(st, s, e)[0]
+            m = mel[i:i + 1, :, r * (s - w0):r * (e - w0)]  # (1, mel_dim, r * (e - s))
+            st.mel = m if st.mel is None else torch.cat([st.mel, m], dim=-1)
+            st.codes_done = e
 
     @torch.no_grad()
     def _vocode(self, state: Token2WavState) -> list[torch.Tensor]:

@@ -282,3 +282,41 @@ def test_vocoder_context_needed(ref):
                 torch.testing.assert_close(got, full, **TOL)
             else:
                 _far(got, full, 1e-3)
+
+
+def test_batched_windows_equal_solo(ref, monkeypatch):
+    """Two utterances (different voices, lengths and frames) advanced together equal each alone."""
+    name, t2w, dit, voc, voices = ref
+    n_a, n_b, lag = 360, 250, 96  # b lags one steady chunk: a's chunk k+1 and b's chunk k share a batch
+    codes_a, cond_a, mel_a = _inputs(dit, voices, n=n_a)
+    v = voices[sorted(voices)[-1]]
+    codes_b = torch.randint(1, dit.cfg.num_embeds, (1, n_b), generator=torch.Generator().manual_seed(4))
+    cond_b, mel_b = v["cond"], v["ref_mel"]
+    solo = [_stream(dit, voc, c, co, m, [c.shape[1]], seed=s)[0]
+            for c, co, m, s in ((codes_a, cond_a, mel_a, 1), (codes_b, cond_b, mel_b, 2))]
+    import talker.token2wav as t2w_mod
+
+    starts_seen = []
+
+    def spy(*a, **kw):
+        if torch.is_tensor(kw["start"]):
+            starts_seen.append(kw["start"].tolist())
+        return sample_mel(*a, **kw)
+
+    monkeypatch.setattr(t2w_mod, "sample_mel", spy)
+    tw = Token2Wav(dit, voc, StreamOptions())
+    a = tw.start(cond_a, mel_a, torch.Generator().manual_seed(1))
+    b = tw.start(cond_b, mel_b, torch.Generator().manual_seed(2))
+    out = [[], []]
+    for i in range(n_a):
+        tw.add(a, codes_a[0, i:i + 1])
+        if 0 <= i - lag < n_b:
+            tw.add(b, codes_b[0, i - lag:i - lag + 1])
+        for k, chunks in enumerate(tw.advance([a, b])):
+            out[k] += chunks
+    a.finished = b.finished = True
+    for k, chunks in enumerate(tw.advance([a, b])):
+        out[k] += chunks
+    assert any(len(set(st)) > 1 for st in starts_seen), "no batch of windows at different frames happened"
+    for got, want in zip(out, solo):
+        torch.testing.assert_close(torch.cat(got), want, **TOL)
