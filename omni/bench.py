@@ -22,6 +22,8 @@ from pathlib import Path
 def add_parser(sub, add_model_args) -> None:
     p = sub.add_parser("bench", help="benchmark the engine against transformers' reference",
                        description=__doc__.split("\n\n")[0])
+    p.add_argument("what", nargs="?", choices=["engine", "caption"], default="engine",
+                   help="engine: against transformers (default); caption: captioning throughput")
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--configs", default="default,small", help="embedded sizes to run (default: default,small)")
     p.add_argument("--text-tokens", type=int, default=64)
@@ -182,6 +184,16 @@ def _table(rows: list[dict]) -> str:
 
 def cmd_bench(args) -> int:
     import torch
+
+    if args.what == "caption":
+        from omni.cli import resolve_model
+        from omni.jobs.caption_bench import run_caption_bench
+
+        torch.set_num_threads(args.threads)
+        rows = run_caption_bench(resolve_model(args.model), device=args.device, print_fn=print)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"caption": rows}, indent=2))
+        return 0
 
     from omni import embedded
     from omni.pipeline import OmniModel

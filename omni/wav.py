@@ -48,6 +48,9 @@ class WavWriter:
         self.f.seek(0)
         self.f.write(_header(self.n_bytes, self.sample_rate))
         self.f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp made it private; give it the usual mode
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

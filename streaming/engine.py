@@ -286,6 +286,7 @@ class Engine:
         self._waiting: list[_Turn] = []
         self._active: list[_Turn] = []
         self._stop = threading.Event()
+        self.busy_s = 0.0  # seconds the worker spent in model steps (prefill, decode, talker, token2wav)
         self._worker = threading.Thread(target=self._run, name="omni-engine", daemon=True)
         self._worker.start()
 
@@ -315,6 +316,10 @@ class Engine:
         self._worker.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":  # so busy_s counts device time, not launch time
+            torch.cuda.synchronize(self.model.device)
+
     def _command(self, cmd) -> None:
         try:
             self._inbox.put_nowait(cmd)
@@ -325,6 +330,7 @@ class Engine:
         while not self._stop.is_set():
             try:
                 self._drain(block=not (self._active or self._waiting))
+                t0 = time.perf_counter()
                 if self._waiting:
                     self._prefill(self._waiting.pop(0))
                 for t in [t for t in self._active if t.cancelled]:
@@ -337,6 +343,9 @@ class Engine:
                             and not t.emit.full()]
                 if speaking:
                     self._speak(speaking)
+                if self._active or texting or speaking:
+                    self._sync()
+                    self.busy_s += time.perf_counter() - t0
                 if self._active and not texting and not speaking:
                     time.sleep(0.002)  # every consumer is behind: wait for them
             except Exception as e:  # never let one bad step kill the worker

@@ -1,0 +1,1 @@
+"""Batch jobs over many media files, built on the streaming engine (`omni caption`)."""
