@@ -57,14 +57,7 @@ def _run_reference(path: Path, prompt, n_text: int, n_codes: int) -> dict:
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     ref = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    lens = prompt.audio_feature_lens.tolist()
-    feats = torch.zeros(len(lens), prompt.audio_features.shape[0], max(lens))
-    mask = torch.zeros(len(lens), max(lens), dtype=torch.long)
-    off = 0
-    for i, n in enumerate(lens):
-        feats[i, :, :n] = prompt.audio_features[:, off:off + n]
-        mask[i, :n] = 1
-        off += n
+    feats, mask = prompt.padded_audio()
     talker_eos = [ref.config.talker_config.tts_codec_pad_token_id, ref.config.talker_config.tts_codec_end_token_id]
     kw = dict(input_ids=prompt.input_ids[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
               thinker_pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,

@@ -52,6 +52,17 @@ class Prompt:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def padded_audio(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio features as the Whisper-style batch transformers takes: (n_clips, n_mels, max_frames)
+        right-padded with zeros, and the (n_clips, max_frames) mask of real frames."""
+        lens = self.audio_feature_lens.tolist()
+        feats = self.audio_features.new_zeros(len(lens), self.audio_features.shape[0], max(lens))
+        mask = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        for i, (clip, n) in enumerate(zip(self.audio_features.split(lens, dim=-1), lens)):
+            feats[i, :, :n] = clip
+            mask[i, :n] = 1
+        return feats, mask
+
 
 @dataclass(frozen=True)
 class MediaOptions:

@@ -56,15 +56,7 @@ def mixed_inputs(model: OmniModel, seed: int = 0, audio_in_video: bool = True):
 
 
 def reference_kwargs(prompt: Prompt, audio_in_video: bool = True):
-    lens = prompt.audio_feature_lens.tolist()
-    n_mel = prompt.audio_features.shape[0]
-    feats = torch.zeros(len(lens), n_mel, max(lens))
-    mask = torch.zeros(len(lens), max(lens), dtype=torch.long)
-    off = 0
-    for i, n in enumerate(lens):
-        feats[i, :, :n] = prompt.audio_features[:, off:off + n]
-        mask[i, :n] = 1
-        off += n
+    feats, mask = prompt.padded_audio()
     return dict(
         input_ids=prompt.input_ids[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
