@@ -41,6 +41,10 @@ from talker.talker import TALKER_SAMPLING
 log = logging.getLogger("omni.engine")
 
 
+T2W_SLACK = 4  # a ready DiT window waits for another conversation at most this many codes away ...
+T2W_MAX_WAIT = 4  # ... and for at most this many Talker steps
+
+
 class EngineBusy(RuntimeError):
     """No free conversation slot, or the engine's inbox is full."""
 
@@ -104,6 +108,7 @@ class _Turn:
     min_codes: int = 0
     audio_index: int = 0
     audio_samples: int = 0
+    t2w_waited: int = 0  # Talker steps a ready DiT window has waited for company
     t_first_audio: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) after the last event
 
@@ -460,8 +465,8 @@ class Engine:
                 t.talker.finished = True  # speech length limit
             if t.talker.finished:
                 t.t2w.finished = True
-        # every conversation's ready DiT windows run as one batch
-        for t, chunks in zip(turns, t2w.advance([t.t2w for t in turns])):
+        go = self._token2wav_batch([t for t in self._active if t.t2w is not None])
+        for t, chunks in zip(go, t2w.advance([t.t2w for t in go])):
             for wave in chunks:
                 if t.t_first_audio is None:
                     t.t_first_audio = time.perf_counter()
@@ -470,6 +475,25 @@ class Engine:
                 t.audio_index += 1
             if t.talker.finished:
                 self._maybe_done(t)
+
+    def _token2wav_batch(self, turns: list[_Turn]) -> list[_Turn]:
+        """The turns whose Token2Wav runs now: those with a DiT window ready, in one batch.
+
+        A ready window waits a few Talker steps (at most T2W_MAX_WAIT) when another conversation
+        is that close to its own: then both go through the DiT together, which is nearly free
+        next to running them apart. Finished utterances never wait.
+        """
+        t2w = self.model.token2wav
+        need = {id(t): t2w.codes_until_ready(t.t2w) for t in turns}
+        ready = [t for t in turns if need[id(t)] == 0]
+        soon = [t for t in turns if 0 < need[id(t)] <= T2W_SLACK and not t.talker.finished]
+        if ready and soon and all(t.t2w_waited < T2W_MAX_WAIT and not t.t2w.finished for t in ready):
+            for t in ready:
+                t.t2w_waited += 1
+            return []
+        for t in ready:
+            t.t2w_waited = 0
+        return ready
 
     def _take(self, turn: _Turn, logits: torch.Tensor) -> None:
         """Sample the next token of `turn` from its logits (V,), emit it, or end the text."""

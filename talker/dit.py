@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -175,8 +177,47 @@ class Attention(nn.Module):
         # The checkpoint was trained with interleaved rotary on the first head only.
         q = torch.cat([apply_rotary(_deinterleave(q[:, :1]), cos, sin), q[:, 1:]], dim=1)
         k = torch.cat([apply_rotary(_deinterleave(k[:, :1]), cos, sin), k[:, 1:]], dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, BlockLayout):
+            y = block_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, -1))
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Attention restricted to whole blocks: a query in block i sees the keys of blocks i-back .. i+ahead.
+
+    offset: frames of the first block that lie before x[:, 0] (start % block_size).
+    """
+
+    block: int
+    back: int
+    ahead: int
+    offset: int
+
+
+def block_attention(q, k, v, lay: BlockLayout):
+    """Exact block-local attention without a (T, T) mask: (B, h, T, d) -> (B, h, T, d).
+
+    Queries are cut into blocks; each attends to its own and its neighbour blocks' keys, so the
+    cost is T x block x (1 + back + ahead) instead of T x T.
+    """
+    B, h, T, d = q.shape
+    n = -(-(lay.offset + T) // lay.block)
+    pad = (0, 0, lay.offset, n * lay.block - lay.offset - T)
+    qb, kb, vb = (F.pad(x, pad).view(B, h, n, lay.block, d) for x in (q, k, v))
+    frame_ok = F.pad(torch.ones(T, dtype=torch.bool, device=q.device), pad[2:]).view(n, lay.block)
+    idx = torch.arange(n, device=q.device)
+    shifts = range(-min(lay.back, n - 1), min(lay.ahead, n - 1) + 1)  # no block lies further away than n - 1
+    shifted = [(idx + sh).clamp(0, n - 1) for sh in shifts]
+    inside = [((idx + sh) >= 0) & ((idx + sh) < n) for sh in shifts]
+    # neighbour block i + sh of every block i, side by side along the key axis: (B, h, n, K, d), K = block * shifts
+    kn = torch.cat([kb.index_select(2, j) for j in shifted], dim=3)
+    vn = torch.cat([vb.index_select(2, j) for j in shifted], dim=3)
+    key_ok = torch.cat([frame_ok.index_select(0, j) & ok[:, None] for j, ok in zip(shifted, inside)], dim=1)  # (n, K)
+    y = F.scaled_dot_product_attention(qb, kn, vn, attn_mask=key_ok[:, None, :])  # (B, h, n, block, d)
+    return y.reshape(B, h, n * lay.block, d)[:, :, lay.offset:lay.offset + T]
 
 
 def _deinterleave(x):  # (x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...)
@@ -205,7 +246,10 @@ class DiTBlock(nn.Module):
         D = x.shape[-1]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(self.attn_norm.linear(F.silu(temb)), 6, dim=1)
         h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        mask = (block_diff >= -float(self.back)) & (block_diff <= float(self.ahead))
+        if isinstance(block_diff, BlockLayout):
+            mask = BlockLayout(block_diff.block, self.back, self.ahead, block_diff.offset)
+        else:
+            mask = (block_diff >= -float(self.back)) & (block_diff <= float(self.ahead))
         x = x + gate_msa.unsqueeze(1) * self.attn(h, cos, sin, mask)
         h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
@@ -251,10 +295,16 @@ class DiT(nn.Module):
         freqs = pos[..., None].float() * self.inv_freq.cpu()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.device), emb.sin().to(x.device)  # (T, hd) or (B, T, hd)
-        blk = pos // c.block_size
-        block_diff = (blk[..., None, :] - blk[..., :, None]).to(x.device)  # (.., T, T): key block - query block
+        offsets = {int(o) for o in (start.view(-1) if per_row else torch.tensor([start])) % c.block_size}
         if per_row:
-            cos, sin, block_diff = cos[:, None], sin[:, None], block_diff[:, None]
+            cos, sin = cos[:, None], sin[:, None]
+        if len(offsets) == 1:  # every row on the same block grid: block-local attention, no (T, T) mask
+            block_diff = BlockLayout(c.block_size, 0, 0, offsets.pop())
+        else:
+            blk = pos // c.block_size
+            block_diff = (blk[..., None, :] - blk[..., :, None]).to(x.device)  # (.., T, T): key block - query block
+            if per_row:
+                block_diff = block_diff[:, None]
         for layer in self.transformer_blocks:
             h = layer(h, temb, cos, sin, block_diff)
         scale, shift = torch.chunk(self.norm_out.linear(F.silu(temb)), 2, dim=1)

@@ -126,8 +126,17 @@ class Token2Wav:
                 self._dit_chunks(group)
             for st, _, _ in jobs:
                 st.chunks_done += 1
-                out[id(st)] += self._vocode(st)
-        return [[w for w in out[id(st)] + self._vocode(st) if w.numel()] for st in states]
+            for st, waves in zip([j[0] for j in jobs], self._vocode([j[0] for j in jobs])):
+                out[id(st)] += waves
+        final = self._vocode(states)
+        return [[w for w in out[id(st)] + rest if w.numel()] for st, rest in zip(states, final)]
+
+    def codes_until_ready(self, state: Token2WavState) -> int:
+        """How many more codes the next DiT window needs (0: ready now)."""
+        o, n, s = self.opt, len(state.codes), state.codes_done
+        if state.finished:
+            return 0
+        return max(0, s + chunk_size(o, state.chunks_done) + o.ahead_codes - n)
 
     def _next_chunk(self, state: Token2WavState) -> tuple[int, int] | None:
         o, n, s = self.opt, len(state.codes), state.codes_done
@@ -168,19 +177,24 @@ class Token2Wav:
             st.codes_done = e
 
     @torch.no_grad()
-    def _vocode(self, state: Token2WavState) -> list[torch.Tensor]:
-        if state.mel is None:
-            return []
-        M, C, v = state.mel.shape[-1], self.opt.voc_context, state.frames_vocoded
-        done = state.finished and state.codes_done == len(state.codes)
-        end = M if done else M - C
-        if end <= v:
-            return []
-        a, b = max(0, v - C), min(M, end + C)
-        hop = self.vocoder.hop
-        wave = self.vocoder(state.mel[..., a:b])[0, (v - a) * hop:(end - a) * hop]
-        state.frames_vocoded = end
-        return [wave]
+    def _vocode(self, states: list[Token2WavState]) -> list[list[torch.Tensor]]:
+        """Vocode each utterance's newly final mel (with context); equal-length windows in one batch."""
+        C, hop = self.opt.voc_context, self.vocoder.hop
+        plans, out = {}, [[] for _ in states]
+        for i, st in enumerate(states):
+            if st.mel is None:
+                continue
+            M, v = st.mel.shape[-1], st.frames_vocoded
+            end = M if st.finished and st.codes_done == len(st.codes) else M - C
+            if end > v:
+                a, b = max(0, v - C), min(M, end + C)
+                plans.setdefault(b - a, []).append((i, st, a, b, v, end))
+        for group in plans.values():
+            waves = self.vocoder(torch.cat([st.mel[..., a:b] for _, st, a, b, _, _ in group]))
+            for row, (i, st, a, b, v, end) in enumerate(group):
+                out[i].append(waves[row, (v - a) * hop:(end - a) * hop])
+                st.frames_vocoded = end
+        return out
 
 
 def draw_stream_noise(generator: torch.Generator | None, frames: int, mel_dim: int, piece: int) -> torch.Tensor:
