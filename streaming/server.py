@@ -1,14 +1,17 @@
-"""`omni serve`: the OpenAI Realtime websocket API on the engine.
+"""`omni serve`: the OpenAI Realtime websocket API (and the HTTP API, and the web demo) on the engine.
 
     GET /v1/realtime?model=M   websocket (GA events; beta names with `OpenAI-Beta: realtime=v1`)
+    POST /v1/chat/completions  OpenAI chat completions with speech out; GET /v1/models (http_api.py)
     GET /healthz               "ok"
     GET /metrics               Prometheus text
+    /                          the Gradio web demo (ui/app.py's mount_ui), when ServerConfig.ui
 
-Each websocket is one Session on one engine Conversation. Receiving and sending run as two
-tasks joined by a bounded queue: a client that stops reading is disconnected (1008) instead of
-holding events in memory. With an API key, a missing or wrong `Authorization: Bearer` (or
-browser subprotocol `openai-insecure-api-key.<key>`) is refused with 401 before the upgrade.
-When every engine slot is taken the client gets an `error` event and close code 1013.
+One FastAPI (Starlette) app served by uvicorn on one port: `RealtimeServer.app`. Each
+websocket is one Session on one engine Conversation. Receiving and sending run as two tasks
+joined by a bounded queue: a client that stops reading is disconnected (1008) instead of holding
+events in memory. With an API key, a missing or wrong `Authorization: Bearer` (or browser
+subprotocol `openai-insecure-api-key.<key>`) is refused with 401 before the upgrade. When every
+engine slot is taken the client gets an `error` event and close code 1013.
 SIGTERM: stop accepting, cancel running responses (each ends with response.done), close 1001.
 """
 
@@ -20,10 +23,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from urllib.parse import parse_qs, urlsplit
+from pathlib import Path
 
 from streaming.engine import EngineBusy
 from streaming.metrics import Metrics
@@ -34,6 +37,7 @@ log = logging.getLogger("omni.server")
 
 SUBPROTOCOL = "realtime"
 KEY_PROTOCOL = "openai-insecure-api-key."
+REALTIME_PATHS = ("/v1/realtime", "/realtime")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,36 @@ class ServerConfig:
     model_name: str = "omni"
     defaults: SessionConfig = field(default_factory=SessionConfig)
     limits: Limits = field(default_factory=Limits)
+    ui: bool = False  # mount the web demo (ui/app.py's mount_ui) at "/"; `omni serve` turns it on
+    max_request_bytes: int = 64 << 20  # HTTP API: a bigger request body gets 413
+    allow_remote_media: bool = False  # HTTP API: fetch http(s) media URLs for callers
+    media_root: str | None = None  # HTTP API: local media paths allowed under this directory only
+
+
+class _DenialLogFilter(logging.Filter):
+    """uvicorn's websockets-sansio protocol logs a refused upgrade (a 401 or 503 sent with the websocket
+    denial-response extension) as an error, "ASGI callable returned without completing handshake";
+    our websocket route always accepts, closes or refuses, so the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing handshake" not in record.getMessage()
+
+
+def _uvicorn_server(config):
+    """A uvicorn.Server without its own signal handling: `omni serve` handles SIGTERM itself."""
+    import contextlib
+
+    import uvicorn
+
+    err = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DenialLogFilter) for f in err.filters):
+        err.addFilter(_DenialLogFilter())
+
+    class Server(uvicorn.Server):
+        def capture_signals(self):
+            return contextlib.nullcontext()
+
+    return Server(config)
 
 
 class RealtimeServer:
@@ -55,63 +89,103 @@ class RealtimeServer:
         self.metrics = Metrics()
         self.sessions: set[Session] = set()
         self.on_turn = on_turn  # tests: called with each turn's parts
-        self._server = None
+        self._uv = None
+        self._sock: socket.socket | None = None
+        self._serve_task: asyncio.Task | None = None
         self._closing = False
         self._handlers: set[asyncio.Task] = set()
         voices = getattr(engine.model, "voices", None) or {}
         self.voices = tuple(voices)
+        self.ui_mounted = False
+        self.http_requests: set = set()  # cancel(reason) callables of HTTP API generations in flight
+        self.app = self._build_app()
+
+    def _build_app(self):
+        from fastapi import FastAPI
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route, WebSocketRoute
+
+        async def healthz(request):
+            return PlainTextResponse("ok\n")
+
+        async def metrics(request):
+            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+        app = FastAPI(title="omni", docs_url=None, redoc_url=None, openapi_url=None)
+        app.router.routes += [Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+        app.router.routes += [WebSocketRoute(path, self._handle) for path in REALTIME_PATHS]
+        from streaming import http_api
+
+        http_api.install(app, self)
+        if self.config.ui:  # last: the demo is mounted at "/" and would shadow later routes
+            try:
+                from ui.app import mount_ui
+            except ModuleNotFoundError as e:
+                if e.name != "ui.app":
+                    raise
+                log.info("no web demo yet (ui/app.py is missing); serving the APIs only")
+            else:
+                mount_ui(app, self)
+                self.ui_mounted = True
+        return app
 
     @property
     def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
+        return self._sock.getsockname()[1]
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     async def start(self) -> None:
-        from websockets.asyncio.server import serve
+        import uvicorn
 
         c = self.config
-        self._server = await serve(self._handle, c.host, c.port, process_request=self._process_request,
-                                   select_subprotocol=self._select_subprotocol, max_size=c.max_message_bytes,
-                                   compression=None, ping_interval=20, ping_timeout=60)
+        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+        self._sock = socket.create_server((c.host, c.port), family=family, backlog=2048)
+        self._sock.setblocking(False)
+        self._uv = _uvicorn_server(uvicorn.Config(
+            # uvicorn drops the TCP connection at once on a message over ws_max_size, so the client may see a
+            # broken pipe; up to twice the limit the message is read and refused with a clean close (1009)
+            self.app, log_config=None, access_log=False, ws_max_size=2 * c.max_message_bytes, ws_ping_interval=20,
+            ws_ping_timeout=60, ws_per_message_deflate=False, timeout_graceful_shutdown=5,
+            timeout_keep_alive=30))
+        self._serve_task = asyncio.create_task(self._uv.serve(sockets=[self._sock]), name="uvicorn")
+        while not self._uv.started:
+            if self._serve_task.done():
+                self._sock.close()
+                self._serve_task.result()
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
         log.info("serving ws://%s:%d/v1/realtime (%d sessions at most)", c.host, self.port,
                  self.engine.config.max_sessions)
 
-    def _authorized(self, request) -> bool:
+    def authorized(self, headers, subprotocols=()) -> bool:
+        """Whether a request carries the API key (Bearer header, or the browser subprotocol)."""
         key = self.config.api_key
         if not key:
             return True
-        auth = request.headers.get("Authorization", "")
+        auth = headers.get("authorization", "")
         if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(), key.encode()):
             return True
-        for proto in ",".join(request.headers.get_all("Sec-WebSocket-Protocol")).split(","):
+        for proto in subprotocols:
             proto = proto.strip()
             if proto.startswith(KEY_PROTOCOL) and hmac.compare_digest(proto[len(KEY_PROTOCOL):].encode(), key.encode()):
                 return True
         return False
 
-    def _process_request(self, connection, request):
-        path = urlsplit(request.path).path.rstrip("/")
-        if path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
-        if path == "/metrics":
-            resp = connection.respond(HTTPStatus.OK, self.metrics.render())
-            resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-            return resp
-        if path not in ("/v1/realtime", "/realtime"):
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found; the realtime API is at /v1/realtime\n")
-        if self._closing:
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down\n")
-        if not self._authorized(request):
-            log.info("refused %s: missing or wrong API key", connection.remote_address)
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API key: send "
-                                      "'Authorization: Bearer <key>' or the subprotocol "
-                                      "'openai-insecure-api-key.<key>'\n")
-        return None
-
-    @staticmethod
-    def _select_subprotocol(connection, subprotocols):
-        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
-
     async def _handle(self, ws) -> None:
+        from starlette.responses import PlainTextResponse
+
+        subprotocols = ws.scope.get("subprotocols") or []
+        if self._closing:
+            return await ws.send_denial_response(PlainTextResponse("the server is shutting down\n", 503))
+        if not self.authorized(ws.headers, subprotocols):
+            log.info("refused %s: missing or wrong API key", ws.client)
+            return await ws.send_denial_response(PlainTextResponse(
+                "missing or wrong API key: send 'Authorization: Bearer <key>' or the subprotocol "
+                "'openai-insecure-api-key.<key>'\n", 401))
+        await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in subprotocols else None)
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
@@ -120,11 +194,9 @@ class RealtimeServer:
             self._handlers.discard(task)
 
     async def _serve_session(self, ws) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         c = self.config
-        beta = "realtime=v1" in ws.request.headers.get("OpenAI-Beta", "")
-        model = parse_qs(urlsplit(ws.request.path).query).get("model", [c.model_name])[0]
+        beta = "realtime=v1" in ws.headers.get("openai-beta", "")
+        model = ws.query_params.get("model", c.model_name)
         dialect = Dialect(beta)
         try:
             conv = self.engine.open_conversation()
@@ -135,10 +207,10 @@ class RealtimeServer:
             ev = dialect.error(f"the server is at its session limit ({e}); try again later", "server_busy",
                                type="server_error")
             try:
-                await ws.send(json.dumps(ev))
-                await ws.close(1013, "server busy: session limit reached")
-            except ConnectionClosed:
+                await ws.send_text(json.dumps(ev))
+            except Exception:
                 pass
+            await _close(ws, 1013, "server busy: session limit reached")
             return
         queue: asyncio.Queue = asyncio.Queue(c.send_queue)
         overflow = asyncio.Event()
@@ -154,18 +226,18 @@ class RealtimeServer:
         session.ws = ws  # for shutdown's close
         self.sessions.add(session)
         self.metrics.session_opened()
-        log.info("session %s: open (%s, %s, model %s)", session.id, ws.remote_address, "beta" if beta else "GA", model)
+        log.info("session %s: open (%s, %s, model %s)", session.id, ws.client, "beta" if beta else "GA", model)
 
         async def sender():
             while True:
                 ev = await queue.get()
-                await ws.send(json.dumps(ev))
+                await ws.send_text(json.dumps(ev))
 
         async def watchdog():
             await overflow.wait()
             log.warning("session %s: client is not reading (%d events queued); disconnecting", session.id,
                         queue.qsize())
-            await ws.close(1008, "client is not reading events fast enough")
+            await _close(ws, 1008, "client is not reading events fast enough")
 
         tasks = [asyncio.create_task(sender()), asyncio.create_task(watchdog())]
         reason = "client closed"
@@ -173,28 +245,38 @@ class RealtimeServer:
             await session.open()
             while True:
                 try:
-                    msg = await asyncio.wait_for(ws.recv(), c.idle_timeout_s)
+                    msg = await asyncio.wait_for(ws.receive(), c.idle_timeout_s)
                 except asyncio.TimeoutError:
                     if session.responding:
                         continue
                     reason = "idle timeout"
-                    await ws.close(1000, f"idle for {c.idle_timeout_s:g} s")
+                    await _close(ws, 1000, f"idle for {c.idle_timeout_s:g} s")
                     break
-                await session.handle(msg)
+                if msg["type"] == "websocket.disconnect":
+                    reason = f"closed ({msg.get('code', 'no close frame')})"
+                    break
+                data = msg.get("text")
+                data = data if data is not None else msg.get("bytes") or b""
+                if len(data) > c.max_message_bytes:
+                    reason = f"message of {len(data)} bytes over the limit"
+                    await _close(ws, 1009, f"message over {c.max_message_bytes} bytes")
+                    break
+                await session.handle(data)
                 if any(t.done() for t in tasks):  # the sender failed or the watchdog closed the socket
                     break
-        except ConnectionClosed as e:
-            reason = f"closed ({e.rcvd.code if e.rcvd else 'no close frame'})"
+        except Exception as e:  # the transport failed under us (a send or receive on a dead socket)
+            reason = f"connection lost ({type(e).__name__}: {e})"
         finally:
             await session.close()
             try:  # let the last events (response.done of a cancelled response) go out
                 await asyncio.wait_for(_drain(queue), 2)
                 if not tasks[0].done():
                     await asyncio.wait_for(_flush(queue, ws), 2)
-            except (asyncio.TimeoutError, ConnectionClosed, Exception):
+            except Exception:
                 pass
             for t in tasks:
                 t.cancel()
+            await _close(ws, 1000, "")
             self.sessions.discard(session)
             self.metrics.session_closed()
             log.info("session %s: %s", session.id, reason)
@@ -202,11 +284,14 @@ class RealtimeServer:
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting; cancel running responses (each still gets its response.done); close 1001."""
         self._closing = True
-        if self._server is None:
+        if self._uv is None:
             return
-        self._server.close(close_connections=False)
+        for srv in getattr(self._uv, "servers", []):
+            srv.close()  # no new connections
         for s in list(self.sessions):
             s.cancel("server_shutdown")
+        for cancel in list(self.http_requests):  # HTTP API generations in flight
+            cancel("server_shutdown")
         tasks = [s.response.task for s in self.sessions if s.response is not None and s.response.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
@@ -214,10 +299,29 @@ class RealtimeServer:
         for s in list(self.sessions):
             ws = getattr(s, "ws", None)
             if ws is not None:
-                await ws.close(1001, "server shutting down")
+                await _close(ws, 1001, "server shutting down")
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=timeout)
-        await self._server.wait_closed()
+        self._uv.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._serve_task), timeout + 6)
+        except asyncio.TimeoutError:
+            self._uv.force_exit = True
+            log.warning("the HTTP server did not stop in time; forcing it")
+            await asyncio.wait_for(self._serve_task, 5)
+        self._sock.close()
+
+
+async def _close(ws, code: int, reason: str) -> None:
+    """Close a websocket unless it is closed already."""
+    from starlette.websockets import WebSocketState
+
+    if ws.application_state == WebSocketState.DISCONNECTED or ws.client_state == WebSocketState.DISCONNECTED:
+        return
+    try:
+        await ws.close(code, reason)
+    except Exception:
+        pass
 
 
 async def _drain(queue: asyncio.Queue) -> None:
@@ -227,14 +331,15 @@ async def _drain(queue: asyncio.Queue) -> None:
 
 async def _flush(queue: asyncio.Queue, ws) -> None:
     while not queue.empty():
-        await ws.send(json.dumps(queue.get_nowait()))
+        await ws.send_text(json.dumps(queue.get_nowait()))
 
 
 def add_parser(subparsers, add_model_args) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve the OpenAI Realtime websocket API (text, audio and video in; text and speech out)",
+        "serve", help="serve the OpenAI Realtime websocket API, chat completions and the web demo on one port",
         description="Serve GET /v1/realtime (OpenAI Realtime protocol, GA and beta, plus input_image_buffer.append "
-                    "video frames), /healthz and /metrics.")
+                    "video frames), POST /v1/chat/completions, GET /v1/models, /healthz, /metrics and the web demo "
+                    "at /.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"),
@@ -245,6 +350,13 @@ def add_parser(subparsers, add_model_args) -> None:
     p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds without client messages before closing")
     p.add_argument("--modalities", choices=["text", "audio"], nargs="+",
                    help="default output modalities (default: audio when the model can speak, else text)")
+    p.add_argument("--no-ui", dest="ui", action="store_false", help="do not serve the web demo at /")
+    p.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="HTTP request body limit in MB (bigger: 413), default 64")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="let HTTP callers give http(s) media URLs for the server to fetch (default: refused)")
+    p.add_argument("--media-root", metavar="DIR",
+                   help="let HTTP callers name local media files (file:// or paths) under this directory only")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -262,7 +374,10 @@ def cmd_serve(args) -> int:
     mods = tuple(args.modalities) if args.modalities else (("audio",) if engine.model.talker is not None
                                                             else ("text",))
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
-                          idle_timeout_s=args.idle_timeout, defaults=SessionConfig(output_modalities=mods))
+                          idle_timeout_s=args.idle_timeout, defaults=SessionConfig(output_modalities=mods),
+                          ui=args.ui, max_request_bytes=int(args.max_request_mb * (1 << 20)),
+                          allow_remote_media=args.allow_remote_media,
+                          media_root=str(Path(args.media_root).resolve()) if args.media_root else None)
     try:
         asyncio.run(_serve_until_signal(engine, config))
     finally:
@@ -273,7 +388,11 @@ def cmd_serve(args) -> int:
 async def _serve_until_signal(engine, config: ServerConfig) -> None:
     server = RealtimeServer(engine, config)
     await server.start()
-    print(f"omni: serving ws://{config.host}:{server.port}/v1/realtime", file=sys.stderr, flush=True)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"omni: serving ws://{host}:{server.port}/v1/realtime", file=sys.stderr, flush=True)
+    print(f"omni: serving http://{host}:{server.port}/v1/chat/completions", file=sys.stderr, flush=True)
+    if server.ui_mounted:
+        print(f"omni: web demo at http://{host}:{server.port}/", file=sys.stderr, flush=True)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
