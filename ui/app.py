@@ -266,6 +266,8 @@ class OmniUI:
         into the player as it comes; then any newer reply (a spoken turn that barged in) in the same stream."""
         r, deadline = None, time.monotonic() + PLAY_WAIT_S
         while True:
+            if t.session is None and r is not None:  # the conversation was cleared (or the tab closed): a fresh
+                return  # tab owns the page now, and this reply will never finish
             nxt = next((x for x in reversed(t.order) if x.id not in t.playing), None)
             if nxt is not None:
                 r = nxt
