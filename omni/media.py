@@ -35,7 +35,8 @@ def _name(src) -> str:
     return str(src)
 
 
-def _open(src, name: str):
+def open_container(src, name: str):
+    """av.open a path or bytes; a MediaError naming the input for anything FFmpeg cannot open."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise MediaError(f"{name}: empty input")
@@ -53,8 +54,8 @@ def _open(src, name: str):
         return av.open(target)
     except av.error.InvalidDataError:
         raise MediaError(f"{name}: not a media file FFmpeg can read") from None
-    except av.error.FFmpegError as e:
-        raise MediaError(f"{name}: cannot open ({e.strerror or e})") from None
+    except (av.error.FFmpegError, OSError) as e:
+        raise MediaError(f"{name}: cannot open ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _check_decoder(stream, name: str, kind: str):
@@ -77,7 +78,7 @@ def _rgb(frame) -> np.ndarray:
 def load_image(src) -> np.ndarray:
     """JPEG/PNG/WebP/... path or bytes -> uint8 (H, W, 3) RGB (first frame of animated images)."""
     name = _name(src)
-    with _open(src, name) as c:
+    with open_container(src, name) as c:
         if not c.streams.video:
             raise MediaError(f"{name}: no image in it")
         stream = c.streams.video[0]
@@ -116,7 +117,7 @@ def _decode_audio(c, stream, name: str, sr: int) -> np.ndarray:
 def load_audio(src, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Any FFmpeg-readable audio (or the audio track of a video) -> float32 (L,) mono at sr."""
     name = _name(src)
-    with _open(src, name) as c:
+    with open_container(src, name) as c:
         if not c.streams.audio:
             raise MediaError(f"{name}: no audio stream")
         audio = _decode_audio(c, c.streams.audio[0], name, sr)
@@ -134,7 +135,7 @@ def load_video(
     """Video path or bytes -> Video with frames sampled and sized by qwen-omni-utils' rules
     (fps frames per second, min/max frame counts, per-frame pixel budget), plus 16 kHz audio."""
     name = _name(src)
-    with _open(src, name) as c:
+    with open_container(src, name) as c:
         if not c.streams.video:
             raise MediaError(f"{name}: no video stream")
         stream = c.streams.video[0]

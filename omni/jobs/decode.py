@@ -11,7 +11,6 @@ sampled frames plus the sound track (16 kHz float32: 230 MB per hour), whatever 
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,7 +21,7 @@ import torch
 from encoders import features
 from omni import media
 from omni.jobs.options import DecodeOptions
-from omni.media import MediaError
+from omni.media import MediaError, open_container
 from omni.types import Audio, Video
 
 SR = media.SAMPLE_RATE
@@ -87,18 +86,7 @@ class MediaPlan:
     @classmethod
     def open(cls, path: str, options: DecodeOptions = DecodeOptions()) -> "MediaPlan":
         name = path
-        if not os.path.exists(path):
-            raise MediaError(f"{name}: no such file (removed before it was decoded?)")
-        if os.path.isdir(path):
-            raise MediaError(f"{name}: is a directory")
-        if os.path.getsize(path) == 0:
-            raise MediaError(f"{name}: empty file")
-        try:
-            c = av.open(path)
-        except av.error.InvalidDataError:
-            raise MediaError(f"{name}: not a media file FFmpeg can read (corrupt, truncated, or not media)") from None
-        except (av.error.FFmpegError, OSError) as e:
-            raise MediaError(f"{name}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+        c = open_container(path, name)
         with c:
             fmt = c.format.name
             vs = _video_stream(c)
