@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from omni import embedded
+
 from tests.reference import CONFIG_NAMES, build_reference
 
 torch.set_num_threads(1)
@@ -25,3 +27,11 @@ def references(tmp_path_factory):
 @pytest.fixture(params=CONFIG_NAMES)
 def config_name(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory):
+    """The embedded default checkpoint, built once per session in a private cache ($OMNI_CACHE points there,
+    so `omni` subprocesses given this environment find it: the cache is embedded_dir.parent)."""
+    os.environ["OMNI_CACHE"] = str(tmp_path_factory.mktemp("omni_cache"))
+    return embedded.ensure()

@@ -19,7 +19,6 @@ import av
 import numpy as np
 import pytest
 
-from omni import embedded
 from omni.jobs.caption import CaptionOptions, run_caption
 from omni.jobs.decode import DecodeOptions, MediaPlan, plan_segments
 from omni.jobs.inputs import Item, expand
@@ -103,13 +102,6 @@ def media_dir(tmp_path_factory):
     (d / "picture.png").write_bytes(make.encode_image(make.pattern_image(32, 32)))  # an image: passed over
     (d / "README.md").write_text("not media\n")  # passed over
     return d
-
-
-@pytest.fixture(scope="module")
-def embedded_dir(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("omni_cache")
-    os.environ["OMNI_CACHE"] = str(cache)
-    return embedded.ensure()
 
 
 @pytest.fixture(scope="module")

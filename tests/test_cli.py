@@ -22,14 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("omni_cache")
-
-
-@pytest.fixture(scope="session")
-def embedded_dir(cache):
-    os.environ["OMNI_CACHE"] = str(cache)
-    return embedded.ensure()
+def cache(embedded_dir):
+    return embedded_dir.parent
 
 
 def omni(cache, *args, check=True):

@@ -7,7 +7,6 @@ import asyncio
 import numpy as np
 import pytest
 
-from omni import embedded
 from omni.pipeline import GenerationResult, OmniModel
 from omni.sampling import GREEDY
 from omni.types import AudioDelta, Done, Message, TextDelta
@@ -18,8 +17,8 @@ WAVE_TOL = 4e-5  # PCM16 rounding (1/32767) over a waveform equal to fp32 roundi
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return OmniModel.load(embedded.ensure(tmp_path_factory.mktemp("emb") / "embedded"), speech=True)
+def model(embedded_dir):
+    return OmniModel.load(embedded_dir, speech=True)
 
 
 def pcm_to_float(events) -> np.ndarray:

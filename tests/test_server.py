@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omni import embedded
 from omni.types import Audio, Image, Message, Video
 from streaming.engine import Engine, EngineConfig
 from streaming.protocol import SessionConfig
@@ -34,10 +33,8 @@ SESSIONS = 16
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("omni_cache")
-    os.environ["OMNI_CACHE"] = str(cache)
-    return embedded.ensure()
+def model_dir(embedded_dir):
+    return embedded_dir
 
 
 @pytest.fixture(scope="module")
