@@ -131,6 +131,7 @@ class OmniModel:
         with empty_params():
             thinker = Thinker(cfg.thinker_config)
         load_module(thinker, ckpt, "thinker.", dtype=dtype, device=device_t)
+        thinker.fuse(cpu=device_t.type == "cpu")
         processor = Processor.from_dir(path, cfg.thinker_config, options)
         gen_file = path / "generation_config.json"
         generation = json.loads(gen_file.read_text()) if gen_file.exists() else {}
@@ -144,6 +145,7 @@ class OmniModel:
             with empty_params():
                 talker = Talker(cfg.talker_config)
             load_module(talker, ckpt, "talker.", dtype=dtype, device=device_t)
+            talker.fuse(cpu=device_t.type == "cpu")
             token2wav = load_token2wav(ckpt, cfg.token2wav_config, device_t, stream_options)
         return cls(path, cfg, thinker, processor, device_t, dtype, generation, talker, token2wav, voices)
 

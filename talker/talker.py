@@ -41,6 +41,7 @@ from torch import nn
 
 from omni.cache import KVCache
 from omni.config import TalkerConfig
+from omni.layers import column_major
 from omni.sampling import SamplingParams, sample
 from omni.thinker import Decoder
 from omni.types import PromptStates, ThinkerStep
@@ -57,6 +58,12 @@ class Talker(nn.Module):
         self.thinker_to_talker_proj = nn.Linear(cfg.embedding_size, cfg.hidden_size)
         self.model = Decoder(cfg, embed_dim=cfg.embedding_size)  # inputs arrive projected to its width
         self.codec_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def fuse(self, cpu: bool = False) -> None:
+        """Serving layout (see `omni.thinker.Thinker.fuse`)."""
+        self.model.fuse()
+        if cpu:
+            column_major(self.codec_head)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 n_valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
