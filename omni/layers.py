@@ -76,6 +76,14 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without waiting for it: on CUDA through pinned memory, queued
+    on the stream (a copy from pageable memory can synchronise the host with the device)."""
+    if device.type != "cuda" or x.device.type == "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

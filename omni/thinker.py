@@ -15,7 +15,7 @@ from encoders.audio import AudioEncoder
 from encoders.vision import VisionEncoder
 from omni.cache import KVCache
 from omni.config import TalkerConfig, TextConfig, ThinkerConfig
-from omni.layers import GatedMLP, RMSNorm, apply_rotary, column_major, fuse_linears
+from omni.layers import GatedMLP, RMSNorm, apply_rotary, column_major, fuse_linears, to_device
 
 
 class MRotary(nn.Module):
@@ -142,9 +142,9 @@ class Decoder(nn.Module):
             key_idx = torch.arange(kv_len)
             q_idx = starts[:, None] + torch.arange(T)  # (B, T)
             mask = (key_idx[None, None, :] <= q_idx[:, :, None]) & (key_idx[None, None, :] < ends[:, None, None])
-            mask = mask[:, None].to(device)  # (B, 1, T, S)
+            mask = to_device(mask[:, None], device)  # (B, 1, T, S)
         cos, sin = self.rotary(positions, x.dtype)
-        slots_d, starts_d = slots.to(device), starts.to(device)
+        slots_d, starts_d = to_device(slots.cpu(), device), to_device(starts, device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], slots_d, starts_d, kv_len, mask, one_slot)
         cache.lengths[slots.cpu()] = ends

@@ -29,6 +29,7 @@ from typing import AsyncIterator, Sequence
 import torch
 
 from omni.cache import KVCache
+from omni.layers import to_device
 from omni.media import MediaError
 from omni.pipeline import SAMPLE_RATE, SPEECH_SYSTEM_PROMPT, OmniModel, SpeechError, Voice, _Detokenizer, generators
 from omni.processor import Prompt
@@ -60,7 +61,7 @@ class EngineConfig:
     preprocess_threads: int = 2  # media decoding / featurising, off the worker and off the event loop
 
 
-@dataclass
+@dataclass(eq=False)  # identity: turns and conversations are looked up in lists
 class _Conv:
     """Worker-side state of one conversation: its slot and what its cache holds."""
 
@@ -77,7 +78,7 @@ class _Conv:
     history: list | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Turn:
     conv: _Conv
     prompt: Prompt
@@ -87,11 +88,18 @@ class _Turn:
     emit: "_Outbox"
     t_submit: float
     cancelled: str | None = None  # reason once cancelled
-    next_token: int | None = None  # sampled (and emitted) but not yet fed
+    # The text side runs one step ahead of the host: a sampled token stays on the device, is fed to
+    # the next decode step from there, and its value reaches the host (to emit, to stop) one step later.
+    sampled: torch.Tensor | None = None  # (1,) sampled, not yet fed
+    sampled_value: int | None = None  # its value, once read on the host
+    sampled_iter: int = -1  # the worker iteration that sampled it
+    sampled_count: int = 0  # tokens sampled so far
+    seen_before: torch.Tensor | None = None  # (1,) bool: whether the repetition penalty knew it before
+    fed: tuple | None = None  # (embeds, hidden, positions) of the step that fed `sampled`, until its value is read
     pos: int = 0
     generated: int = 0
     detok: _Detokenizer | None = None
-    t_first: float | None = None
+    first_token_at: float | None = None
     t_prefill: float = 0.0
     cached: int = 0  # history tokens reused from the cache
     text_done: bool = False
@@ -141,6 +149,32 @@ class _Outbox:
         with self.lock:
             self.outstanding -= 1
         return ev
+
+
+@dataclass
+class _Unread:
+    """Tokens sampled in one worker iteration, copied to the host without waiting; read a step later."""
+
+    turns: list[_Turn]
+    host: torch.Tensor
+    ready: object = None  # torch.cuda.Event on CUDA
+
+    @classmethod
+    def start(cls, sampled: list[tuple[_Turn, torch.Tensor]]) -> "_Unread":
+        turns = [t for t, _ in sampled]
+        tokens = torch.cat([tok for _, tok in sampled])
+        if tokens.device.type != "cuda":
+            return cls(turns, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(turns, host, ready)
+
+    def values(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # the copy was queued a whole step ago
+        return self.host.tolist()
 
 
 def continuation_text(closed_reply: bool) -> str:
@@ -332,18 +366,29 @@ class Engine:
             self._inbox.put(cmd)
 
     def _run(self) -> None:
+        it = 0
+        unread: _Unread | None = None  # tokens sampled in the previous iteration, on their way to the host
         while not self._stop.is_set():
             try:
                 self._drain(block=not (self._active or self._waiting))
                 t0 = time.perf_counter()
+                it += 1
+                sampled: list[tuple[_Turn, torch.Tensor]] = []
                 if self._waiting:
-                    self._prefill(self._waiting.pop(0))
+                    self._prefill(self._waiting.pop(0), it, sampled)
                 for t in [t for t in self._active if t.cancelled]:
                     self._active.remove(t)
                     self._finish(t)
-                texting = [t for t in self._active if not t.text_done and not t.emit.full()]
+                texting = [t for t in self._active if t.sampled is not None and t.sampled_iter < it
+                           and t.sampled_count < t.max_new_tokens and not t.text_done and not t.emit.full()]
                 if texting:
-                    self._decode(texting)
+                    self._decode(texting, it, sampled)
+                if unread is not None:  # the device works on this step meanwhile
+                    self._resolve(unread)
+                unread = _Unread.start(sampled) if sampled else None
+                for t in [t for t in self._active if t.sampled_value is not None and t.sampled_count >= t.max_new_tokens
+                          and not t.text_done]:
+                    self._limit(t)
                 speaking = [t for t in self._active if t.talker is not None and talker_lib.ready(t.talker)
                             and not t.emit.full()]
                 if speaking:
@@ -351,10 +396,11 @@ class Engine:
                 if self._active or texting or speaking:
                     self._sync()
                     self.busy_s += time.perf_counter() - t0
-                if self._active and not texting and not speaking:
+                if self._active and not texting and not speaking and unread is None:
                     time.sleep(0.002)  # every consumer is behind: wait for them
             except Exception as e:  # never let one bad step kill the worker
                 log.exception("engine step failed")
+                unread = None
                 for t in self._active + self._waiting:
                     self._finish(t, error=Error("internal", f"engine error: {e}"))
                 self._active, self._waiting = [], []
@@ -396,7 +442,7 @@ class Engine:
             self._free.append(conv.slot)
 
     @torch.inference_mode()
-    def _prefill(self, turn: _Turn) -> None:
+    def _prefill(self, turn: _Turn, it: int, sampled: list) -> None:
         m, th, conv = self.model, self.model.thinker, turn.conv
         if turn.cancelled:
             return self._finish(turn)
@@ -414,33 +460,96 @@ class Engine:
             if turn.speech:
                 turn.talker_prompt = PromptStates(*(torch.cat(x, -1 if i == 3 else 0)
                                                     for i, x in enumerate(zip(*conv.history))))
-        turn.pos = p.next_position
+        turn.pos = conv.next_position = p.next_position
         turn.detok = _Detokenizer(m.processor.tok)
         turn.t_prefill = time.perf_counter() - t0
         self._active.append(turn)
-        self._take(turn, logits[0])
+        self._sample([turn], logits, it, sampled)
 
     @torch.inference_mode()
-    def _decode(self, turns: list[_Turn]) -> None:
-        """One batched Thinker step: feed each turn's last token, sample its next."""
+    def _decode(self, turns: list[_Turn], it: int, sampled: list) -> None:
+        """One batched Thinker step: feed each turn's sampled token from the device, sample the next.
+
+        No value is read back here: the host learns the fed tokens in `_resolve`, one step behind.
+        """
         m, th = self.model, self.model.thinker
         dev = m.device
-        tokens = torch.tensor([[t.next_token] for t in turns], device=dev)  # (B, 1)
-        positions = torch.tensor([t.pos for t in turns], device=dev).view(1, -1, 1).expand(3, -1, -1)
+        tokens = torch.cat([t.sampled for t in turns])[:, None]  # (B, 1) on the device
+        positions_host = torch.tensor([t.pos for t in turns]).view(1, -1, 1).expand(3, -1, -1)
+        positions = to_device(positions_host, dev)
         slots = torch.tensor([t.conv.slot for t in turns])
         embeds = th.model.embed_tokens(tokens)
         hidden = th(embeds, positions, self._cache, slots)
         logits = th.lm_head(hidden[:, -1])  # (B, V)
         for i, t in enumerate(turns):
-            fed = t.next_token
-            if t.conv.history is not None:
-                t.conv.history.append((tokens[i].cpu(), embeds[i], hidden[i], positions[:, i].cpu()))
-            if t.speech:
-                self._feed_talker(t, ThinkerStep(fed, embeds[i, 0], hidden[i, 0]))
-            t.next_token = None
+            t.fed = (embeds[i], hidden[i], positions_host[:, i])
             t.pos += 1
             t.conv.next_position = t.pos
-            self._take(t, logits[i])
+            if t.sampled_value is not None:  # read already (the turn was paused): confirm it now
+                self._confirm(t, t.sampled_value)
+            t.sampled = None
+        self._sample(turns, logits, it, sampled)
+
+    def _sample(self, turns: list[_Turn], logits: torch.Tensor, it: int, sampled: list) -> None:
+        """Sample each turn's next token from its logits row, on the device; adds (turn, token) to `sampled`."""
+        for i, t in enumerate(turns):
+            row = logits[i:i + 1]
+            if t.sampled_count < t.min_new_tokens:
+                row = row.clone()
+                row[:, self._stop_ids] = float("-inf")
+            seen = t.conv.seen
+            tok = sample(row, t.sampling, t.generator, seen[None])  # (1,)
+            t.seen_before = seen[tok]
+            seen[tok] = True  # the next step's repetition penalty needs it before the host does
+            t.sampled, t.sampled_value, t.sampled_iter = tok, None, it
+            t.sampled_count += 1
+            sampled.append((t, tok))
+
+    def _resolve(self, unread: "_Unread") -> None:
+        """The previous step's tokens have reached the host: emit them, or end the text at a stop token."""
+        m = self.model
+        for t, tok in zip(unread.turns, unread.values()):
+            if t not in self._active or t.text_done:
+                continue
+            if t.first_token_at is None:
+                t.first_token_at = time.perf_counter()
+            if tok in m.stop_ids:
+                if t.fed is not None:  # the stop token went into the cache a step early: take it out
+                    self._cache.truncate(t.conv.slot, int(self._cache.lengths[t.conv.slot]) - 1)
+                    t.pos -= 1
+                    t.fed = None
+                self._drop_sampled(t)
+                t.conv.next_position = t.pos
+                t.conv.pending, t.conv.closed_reply = [m.processor.tok.token_id("<|im_end|>")], True
+                self._text_end(t, "completed")
+                continue
+            t.generated += 1
+            t.emit.put(TextDelta(t.detok.push(tok), tok))
+            if t.fed is not None:
+                self._confirm(t, tok)
+            else:
+                t.sampled_value = tok
+
+    def _confirm(self, t: _Turn, tok: int) -> None:
+        """The token `t.fed` fed is known and not a stop: its step joins the history and the Talker."""
+        embed, hidden, position = t.fed
+        t.fed = None
+        if t.conv.history is not None:
+            t.conv.history.append((torch.tensor([tok]), embed, hidden, position))
+        if t.speech:
+            self._feed_talker(t, ThinkerStep(tok, embed[0], hidden[0]))
+
+    def _drop_sampled(self, t: _Turn) -> None:
+        """Forget a sampled token that will not be fed (and that the repetition penalty must not keep)."""
+        if t.sampled is not None:
+            t.conv.seen[t.sampled] = t.seen_before
+        t.sampled = t.sampled_value = None
+
+    def _limit(self, t: _Turn) -> None:
+        """The last token the length limit allows is out: it stays pending, unfed."""
+        t.conv.pending, t.conv.closed_reply = [t.sampled_value], False
+        t.sampled = t.sampled_value = None
+        self._text_end(t, "incomplete")
 
     def _feed_talker(self, t: _Turn, step: ThinkerStep) -> None:
         m = self.model
@@ -495,28 +604,6 @@ class Engine:
             t.t2w_waited = 0
         return ready
 
-    def _take(self, turn: _Turn, logits: torch.Tensor) -> None:
-        """Sample the next token of `turn` from its logits (V,), emit it, or end the text."""
-        conv, m = turn.conv, self.model
-        conv.next_position = turn.pos
-        if turn.generated < turn.min_new_tokens:
-            logits = logits.clone()
-            logits[self._stop_ids] = float("-inf")
-        tok = int(sample(logits[None], turn.sampling, turn.generator, conv.seen[None])[0])
-        if turn.t_first is None:
-            turn.t_first = time.perf_counter()
-        if tok in m.stop_ids:
-            conv.pending, conv.closed_reply = [m.processor.tok.token_id("<|im_end|>")], True
-            return self._text_end(turn, "completed")
-        conv.seen[tok] = True
-        turn.generated += 1
-        turn.next_token = tok
-        turn.emit.put(TextDelta(turn.detok.push(tok), tok))
-        if turn.generated >= turn.max_new_tokens:
-            conv.pending, conv.closed_reply = [tok], False
-            turn.next_token = None
-            return self._text_end(turn, "incomplete")
-
     def _text_end(self, turn: _Turn, status: str) -> None:
         turn.text_done, turn.status = True, status
         if turn.talker is not None:
@@ -531,9 +618,9 @@ class Engine:
 
     def _finish(self, turn: _Turn, status: str | None = None, error: Error | None = None) -> None:
         conv = turn.conv
-        if turn.cancelled and turn.next_token is not None:
-            conv.pending, conv.closed_reply = [turn.next_token], False
-        turn.next_token = None
+        if not turn.text_done:  # cut short: what was emitted stays; a token not yet read is dropped
+            conv.pending, conv.closed_reply = ([turn.sampled_value] if turn.sampled_value is not None else []), False
+            self._drop_sampled(turn)
         turn.emit.call(turn.done.set)  # before the final event, so a caller that saw it sees the turn done
         if error is not None:
             turn.emit.put(error)
@@ -544,7 +631,7 @@ class Engine:
             if turn.speech:
                 usage["codec_tokens"] = len(turn.talker.codes) if turn.talker else 0
                 usage["audio_seconds"] = round(turn.audio_samples / SAMPLE_RATE, 3)
-            first = turn.t_first
+            first = turn.first_token_at
             timings = {"prefill_s": round(turn.t_prefill, 4),
                        "time_to_first_token_s": round(first - turn.t_submit, 4) if first else None,
                        "decode_tokens_per_s": round((turn.generated - 1) / (now - first), 2)

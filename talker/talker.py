@@ -209,15 +209,19 @@ def _next_row(talker: Talker, state: TalkerState) -> torch.Tensor | None:
     return text.to(w.device, w.dtype) + talker.codec_embed(state.codes[-1])
 
 
-def _take(talker: Talker, state: TalkerState, sampling: SamplingParams, generator: torch.Generator | None,
-          min_codes: int) -> int | None:
-    """Sample the next code from `state.logits`; None at codec eos."""
+def _draw(talker: Talker, state: TalkerState, sampling: SamplingParams, generator: torch.Generator | None,
+          min_codes: int) -> torch.Tensor:
+    """Sample the next code from `state.logits`, on the device: (1,)."""
     state.last_logits, state.logits = state.logits, None
     logits = state.last_logits.float().clone()
     logits[:, talker.cfg.tts_codec_start_token_id] = float("-inf")
     if len(state.codes) < min_codes:
         logits[:, list(talker.eos_ids)] = float("-inf")
-    code = int(sample(logits, sampling, generator, state.seen))
+    return sample(logits, sampling, generator, state.seen)
+
+
+def _accept(talker: Talker, state: TalkerState, code: int) -> int | None:
+    """Record a drawn code; None at codec eos."""
     if code in talker.eos_ids:
         state.finished = True
         return None
@@ -263,7 +267,8 @@ def step_batch(talker: Talker, states: list[TalkerState], samplings: list[Sampli
         logits = talker(torch.stack(rows)[:, None], positions, need[0].cache, slots, last_only=True)  # (B, V)
         for i, st in enumerate(need):
             st.logits = logits[i:i + 1]
-    return [_take(talker, st, sp, g, m) for st, sp, g, m in zip(states, samplings, generators, mins)]
+    drawn = torch.cat([_draw(talker, st, sp, g, m) for st, sp, g, m in zip(states, samplings, generators, mins)])
+    return [_accept(talker, st, code) for st, code in zip(states, drawn.tolist())]  # one read for the batch
 
 
 def generate_codes(talker: Talker, thinker_embed: nn.Embedding, prompt: PromptStates, steps: list[ThinkerStep],

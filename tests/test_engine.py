@@ -105,6 +105,76 @@ def test_second_turn_on_kept_cache_equals_fresh_run(engine, model):
     assert c == r.token_ids
 
 
+def test_a_reply_that_stops_by_itself_leaves_the_cache_as_a_fresh_run_would(model):
+    """The worker feeds a sampled token before the host has read it, so a stop token enters the cache
+    a step early and must be taken out again: turn 2 on the kept cache still equals a fresh run."""
+    import copy
+
+    stopping = copy.deepcopy(model)
+    proc = stopping.processor
+    first = solo(model, [Message.of("user", "Describe a sunny day.")], n=8)
+    im_end = proc.tok.token_id("<|im_end|>")
+    with torch.no_grad():  # <|im_end|> now wins wherever the 4th token would have: a natural stop
+        head = stopping.thinker.lm_head.weight
+        head[im_end] = head[first[3]] * 1.05
+    eng = Engine(stopping, EngineConfig(max_sessions=1, max_context=1024, max_new_tokens=24))
+    try:
+        async def main():
+            conv = eng.open_conversation()
+            return (await collect(conv, ["Describe a sunny day."]),
+                    await collect(conv, ["Now a rainy one."], max_new_tokens=10))
+
+        (a, done1), (b, done2) = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert done1.status == "completed" and len(a) <= 3 and a == first[:len(a)]
+    assert done2.usage["cached_tokens"] == done1.usage["prompt_tokens"] + len(a)  # the stop token went out again
+    ids = torch.tensor(fresh_ids(proc, [("Describe a sunny day.", a, True)], "Now a rainy one."))
+    pos, nxt = rope_positions(ids, [], proc.rope)
+    r = GenerationResult()
+    list(stopping.generate_text(Prompt(ids, pos, nxt), 10, GREEDY, result=r))
+    assert b == r.token_ids
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts tensor -> Python number reads (`int(t)`, `t.item()`): on CUDA each one waits for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_reads_no_sampled_token_back(model, monkeypatch):
+    """The batched decode step feeds and samples on the device: the only numbers it reads are the cache's
+    own lengths (host-side bookkeeping), a fixed few however many conversations it serves. Sampled tokens
+    come back once per step, for the whole batch, a step later."""
+    reads: dict[int, list[int]] = {}
+    decode = Engine._decode
+
+    def counted(self, turns, it, sampled):
+        with _ScalarReads() as mode:
+            decode(self, turns, it, sampled)
+        reads.setdefault(len(turns), []).append(mode.n)
+
+    monkeypatch.setattr(Engine, "_decode", counted)
+    eng = Engine(model, EngineConfig(max_sessions=3, max_context=1024, max_new_tokens=12))
+    try:
+        async def main():
+            convs = [eng.open_conversation() for _ in QUESTIONS]
+            return await asyncio.gather(*(collect(c, [q]) for c, q in zip(convs, QUESTIONS)))
+
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert 2 in reads and 3 in reads
+    # slot, start, longest start, valid rows: host bookkeeping, never one per conversation
+    assert max(max(v) for v in reads.values()) <= 4 and max(reads[3]) <= max(reads[2])
+
+
 def test_cancel_stops_and_keeps_the_conversation_usable(engine, model):
     async def main():
         conv = engine.open_conversation()
