@@ -80,14 +80,41 @@ class DownSample1d(nn.Module):
 
 
 class AntiAliasedActivation1d(nn.Module):
+    """Snake-beta at twice the rate: 2x Kaiser-sinc upsampling, the activation, low-pass and decimation.
+
+    Runs in polyphase form. The upsampler's even and odd output samples are two 6-tap filters at
+    the input rate, the activation runs on each phase, and the decimator sums 6 taps of each phase,
+    so nothing at twice the rate is materialised and every filter is a plain depthwise convolution.
+    Equal to `downsample(act(upsample(x)))` (transformers' transposed convolution and replicate
+    padding at both ends included) to fp32 rounding, at about a third of the time on a CPU.
+    """
+
     def __init__(self, channels: int):
         super().__init__()
         self.act = SnakeBeta(channels)
         self.upsample = UpSample1d(2, 12)
         self.downsample = DownSample1d(2, 12)
+        up, down = 2 * self.upsample.filter.view(12), self.downsample.filter.view(12)
+        for name, taps in (("up_even", up[torch.arange(11, 0, -2)]), ("up_odd", up[torch.arange(10, -1, -2)]),
+                           ("down_even", down[0::2]), ("down_odd", down[1::2])):
+            self.register_buffer(name, taps.reshape(1, 1, 6).repeat(channels, 1, 1), persistent=False)
 
-    def forward(self, x):
-        return self.downsample(self.act(self.upsample(x)))
+    def forward(self, x):  # (B, C, T) -> (B, C, T)
+        B, C, T = x.shape
+        alpha = torch.exp(self.act.alpha)[None, :, None]
+        inv_beta = 1.0 / (torch.exp(self.act.beta)[None, :, None] + 1e-9)
+
+        def snake(u):  # SnakeBeta.forward, in place on a fresh tensor
+            return torch.mul(u, alpha).sin_().square_().mul_(inv_beta).add_(u)
+
+        x = torch.cat([x[..., :1].expand(B, C, 3), x, x[..., -1:].expand(B, C, 3)], -1)  # replicate pad
+        even = snake(F.conv1d(x[..., :T + 5], self.up_even, groups=C))  # upsampled[0::2]
+        odd = snake(F.conv1d(x[..., 1:], self.up_odd, groups=C))  # upsampled[1::2]
+        # the decimator's replicate padding (5 left, 6 right of the 2x signal), phase by phase
+        first, last = even[..., :1], odd[..., -1:]
+        on_even = torch.cat([first.expand(B, C, 3), odd, last.expand(B, C, 2)], -1)
+        on_odd = torch.cat([first.expand(B, C, 2), even, last.expand(B, C, 3)], -1)
+        return F.conv1d(on_even, self.down_even, groups=C).add_(F.conv1d(on_odd, self.down_odd, groups=C))
 
 
 class AMPBlock(nn.Module):
