@@ -32,6 +32,19 @@ ARTIFACTS = ROOT / "artifacts" / "ui"
 SESSIONS = 3
 REPLY_S = 60  # generous: two cores share the engine, Chromium and the encoder
 PLAYING = "() => { const a = document.querySelector('#omni-reply audio'); return a && a.currentTime > 0.3; }"
+DONE = "() => /done|cut at the length limit/.test(document.querySelector('#omni-stats').innerText)"
+EMPTY = ("() => !document.querySelector('#omni-chat [data-testid=bot], #omni-chat [data-testid=user]') && "
+         "/Per-turn timings appear here/.test(document.querySelector('#omni-stats').innerText)")
+# after a clear, records anything of the old conversation that comes back: a message, timings, speech playing
+WATCH = """() => { window.omniStale = []; window.omniWatch = setInterval(() => {
+    const chat = document.querySelector('#omni-chat');
+    if (chat.querySelector('[data-testid=bot], [data-testid=user]')) window.omniStale.push('chat: ' + chat.innerText);
+    if (!/Per-turn timings appear here/.test(document.querySelector('#omni-stats').innerText))
+        window.omniStale.push('stats: ' + document.querySelector('#omni-stats').innerText);
+    if ([...document.querySelectorAll('#omni-reply audio')].some(a => !a.paused))
+        window.omniStale.push('audio playing');
+}, 50); }"""
+CLEARED_S = 3.0  # how long a cleared page is watched for a late update from the old conversation
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +136,15 @@ class Page:
     def wait_text(self, selector: str, text: str, timeout: float = REPLY_S) -> None:
         self.page.locator(selector).get_by_text(text).first.wait_for(timeout=timeout * 1000)
 
+    def clear(self) -> None:
+        """Clear conversation: the page empties, and nothing of the old conversation comes back (watched a while)."""
+        self.page.locator("#omni-clear").click()
+        self.page.wait_for_function(EMPTY, timeout=20000)
+        self.page.evaluate(WATCH)
+        self.page.wait_for_timeout(CLEARED_S * 1000)
+        stale = self.page.evaluate("() => { clearInterval(window.omniWatch); return window.omniStale; }")
+        assert not stale, f"the cleared page showed the old conversation again: {stale[:3]}"
+
     def notice(self) -> str:
         return self.page.locator("#omni-notice").inner_text()
 
@@ -188,8 +210,7 @@ def test_typed_message_with_image_is_written_and_spoken(page, server, tmp_path):
     # the reply's speech plays in the page while it streams: the audio element's clock advances
     page.page.wait_for_function(PLAYING, timeout=REPLY_S * 1000)
     page.wait_text("#omni-stats", "typed")
-    page.page.wait_for_function("() => /done|cut at the length limit/.test("
-                                "document.querySelector('#omni-stats').innerText)", timeout=REPLY_S * 1000)
+    page.page.wait_for_function(DONE, timeout=REPLY_S * 1000)
     # what reached the engine: the picture (as an image) and the text, through the realtime session
     parts = server.turns[turns]
     assert [type(p) for p in parts] == [Image, Text] and parts[0].source.shape == (56, 84, 3)
@@ -210,8 +231,7 @@ def test_spoken_turn_with_camera_gets_a_reply(page, server):
     page.wait_reply_text()
     page.page.wait_for_function(PLAYING, timeout=REPLY_S * 1000)
     page.wait_text("#omni-stats", "spoken")
-    page.page.wait_for_function("() => /done|cut at the length limit/.test("
-                                "document.querySelector('#omni-stats').innerText)", timeout=REPLY_S * 1000)
+    page.page.wait_for_function(DONE, timeout=REPLY_S * 1000)
     parts = server.turns[turns]
     # the speech arrived as audio (alone, with still frames, or inside a video with its sound)
     audio = [p for p in parts if isinstance(p, Audio)] + [p.audio for p in parts if isinstance(p, Video)]
@@ -240,8 +260,27 @@ def test_stop_cancels_the_reply_in_progress(page, server):
     page.send("And now a short one.")
     page.wait_reply_text(2)
     page.assert_clean()
-    # "Clear conversation" is not checked here: it fails intermittently (the page keeps the old reply
-    # after the click, under load); a known bug of the demo, to be fixed and tested on its own.
+
+
+def test_clear_during_and_right_after_a_reply_leaves_a_fresh_conversation(page, server):
+    sessions, cancelled = {s.id for s in server.server.sessions}, server.server.metrics.responses["cancelled"]
+    page.send("Tell me a very long story about the sea.")
+    page.wait_reply_text()
+    page.clear()  # while the reply is still written and spoken
+    assert server.server.metrics.responses["cancelled"] == cancelled + 1  # it was: closing the session ended it
+    assert {s.id for s in server.server.sessions} - sessions  # a fresh session behind the page
+    page.send("Say one word.")
+    page.wait_reply_text()
+    page.page.wait_for_function(DONE, timeout=REPLY_S * 1000)
+    page.clear()  # the moment the reply has finished on the page
+    # the new conversation works and shows only itself
+    page.send("Hello again.")
+    page.wait_reply_text()
+    page.page.wait_for_function(DONE, timeout=REPLY_S * 1000)
+    assert page.page.locator("#omni-chat [data-testid=user]").all_inner_texts() == ["Hello again."]
+    assert len(page.bot()) == 1
+    assert page.page.locator("#omni-stats tbody tr").count() == 1
+    page.assert_clean()
 
 
 def test_errors_show_on_the_page_and_it_stays_usable(page, browser, server, engine, tmp_path):

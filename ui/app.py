@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import mimetypes
@@ -222,8 +223,33 @@ class OmniUI:
                 return None
         return content
 
+    async def _to_page(self, t: Tab, frames):
+        """A handler's frames (its output tuples) for the page, as long as `t` is the page's tab.
+
+        Clear conversation runs alongside the handlers streaming to the page, and gradio works on a
+        yielded frame (postprocessing, audio encoding) before it queues it for the page and asks for the
+        next: a frame yielded just before Clear could land after Clear's empty page. So `t.close()` waits
+        until no frame is between its yield and the next request (`t.sending`), and a closed tab's frames
+        are dropped. The last frame changes nothing: gradio sends a generator's last frame again when it
+        ends, which would bring an old page back if the tab closed meanwhile.
+        """
+        async with contextlib.aclosing(frames):
+            async for out in frames:
+                if t.closed:
+                    break
+                t.sending += 1
+                try:
+                    yield out
+                finally:
+                    t.sending -= 1
+        yield gr.skip()
+
     async def on_submit(self, value, request: gr.Request):
         t = await self.tab(request)
+        async for out in self._to_page(t, self._submit(t, value)):
+            yield out
+
+    async def _submit(self, t: Tab, value):
         value = value or {}
         text, files = (value.get("text") or "").strip(), value.get("files") or []
         if not await t.ready() or (not text and not files):
@@ -265,9 +291,7 @@ class OmniUI:
         """Stream the newest reply no player has taken: its text into the chat as it is written, its speech
         into the player as it comes; then any newer reply (a spoken turn that barged in) in the same stream."""
         r, deadline = None, time.monotonic() + PLAY_WAIT_S
-        while True:
-            if t.session is None and r is not None:  # the conversation was cleared (or the tab closed): a fresh
-                return  # tab owns the page now, and this reply will never finish
+        while not t.closed:  # once cleared (or gone) the tab's reply never finishes
             nxt = next((x for x in reversed(t.order) if x.id not in t.playing), None)
             if nxt is not None:
                 r = nxt
@@ -284,11 +308,15 @@ class OmniUI:
 
     async def on_play(self, request: gr.Request):
         t = await self.tab(request)
-        async for out in self._play(t):
+        async for out in self._to_page(t, self._play(t)):
             yield out
 
     async def on_end_turn(self, request: gr.Request):
         t = await self.tab(request)
+        async for out in self._to_page(t, self._end_turn(t)):
+            yield out
+
+    async def _end_turn(self, t: Tab):
         if not await t.ready():
             yield self._frame(t)
             return
@@ -313,7 +341,7 @@ class OmniUI:
         errors = t.errors
         if pcm:
             await t.send("input_audio_buffer.append", audio=base64.b64encode(pcm).decode())
-        r = t.session.response
+        r = t.session.response if t.session is not None else None  # None: cleared meanwhile
         if r is not None and r.id not in t.playing and r.task is not None and not r.task.done():
             t.trigger += 1  # a VAD turn started a reply: the trigger's change plays it
         else:
@@ -339,9 +367,10 @@ class OmniUI:
 
     async def on_clear(self, request: gr.Request):
         t = await self.tab(request)
-        await t.close()
-        fresh = Tab(self)
-        self.tabs[request.session_hash] = fresh
+        await t.close()  # returns once no frame of the old conversation can land after this handler's
+        if self.tabs.get(request.session_hash) is t:  # (a second click finds the first one's fresh tab)
+            self.tabs[request.session_hash] = Tab(self)
+        fresh = await self.tab(request)
         await fresh.ready()
         return *self._shown(fresh), None
 
@@ -357,7 +386,7 @@ class OmniUI:
         if await t.ready():
             t.notice = ""
             if await t.send("session.update", session={"type": "realtime", "instructions": text or ""}):
-                if t.session.conv.turns:
+                if t.session is not None and t.session.conv.turns:
                     t.notice = ("Instructions updated; the conversation already started, so they are given "
                                 "with your next turn (clear the conversation to make them the system prompt).")
         return t.notice

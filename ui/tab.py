@@ -23,6 +23,7 @@ log = logging.getLogger("omni.ui")
 OUTPUT_RATE = 24000  # PCM16 mono from response.output_audio.delta
 INPUT_RATE = 16000  # what the page sends the session (our protocol extension: no resampling there)
 RETRY_S = 3.0  # a tab without a session (the server was full) tries to open one at most this often
+FLUSH_S = 5.0  # how long closing a tab waits for frames it handed to gradio to be queued for the page
 
 
 def wav(pcm: bytes, rate: int = OUTPUT_RATE) -> bytes:
@@ -122,6 +123,8 @@ class Tab:
         self.frames = 0  # camera frames sent since the last committed turn
         self.speech_ms: list[int] = [0, 0]
         self.playing: set[str] = set()  # replies a player generator has taken
+        self.sending = 0  # frames yielded to gradio that it has not queued for the page yet (OmniUI._to_page)
+        self.closed = False  # cleared or gone: another tab owns the page, this one never writes to it again
         self.trigger = 0
         self.next_source = "spoken"  # what the next reply answers: a VAD turn unless a handler says otherwise
         self.resample = Resampler()
@@ -152,22 +155,31 @@ class Tab:
         return True
 
     async def close(self) -> None:
+        """End the session for good. Returns once no frame of this tab is still on its way to the page (or
+        after FLUSH_S), so that what the caller shows next is not overwritten by one."""
+        self.closed = True
+        self._changed.set()  # its players wake up and end
         s, self.session = self.session, None
         if s is not None:
             await self.ui.close_session(s)
+        deadline = time.monotonic() + FLUSH_S
+        while self.sending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def ready(self) -> bool:
         """Whether there is a session; without one, try to open one (at most every RETRY_S)."""
         async with self._opening:  # a new tab's first events (load, microphone, camera) race to open it
             if self.session is not None:
                 return True
-            if time.monotonic() < self._retry_at:
+            if self.closed or time.monotonic() < self._retry_at:
                 return False
             self._retry_at = time.monotonic() + RETRY_S
             return await self.open()
 
     async def send(self, kind: str, **fields) -> bool:
         """Hand one client event to the session; False when it answered with an error event."""
+        if self.session is None:  # closed while the handler was on its way here
+            return False
         before = self.errors
         await self.session.handle(json.dumps({"type": kind, **fields}))
         return self.errors == before
