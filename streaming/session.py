@@ -7,7 +7,7 @@
 
 `send(event)` is synchronous and must not block (the server puts events on a bounded queue).
 The session owns: the input audio buffer (PCM16 at 24 or 16 kHz, resampled to 16 kHz as it
-arrives), the video frame buffer (timestamped on arrival, thinned to the video rate), the user
+arrives), the video frame buffer (timed by the input audio, thinned to the video rate), the user
 parts gathered since the last response, the VAD, and at most one running response. One
 Conversation per session, so the engine keeps its KV cache across turns.
 """
@@ -118,6 +118,11 @@ def sample_frames(frames: list[tuple[float, np.ndarray]], fps: float) -> list[tu
     return out
 
 
+def _within(a: tuple[float, ...], b: tuple[float, ...], gap: float) -> bool:
+    """Whether times b (arrival, audio) are less than `gap` seconds after a on every clock."""
+    return all(y - x < gap for x, y in zip(a, b))
+
+
 def _resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
     if frame.shape[:2] == (h, w):
         return frame
@@ -164,8 +169,8 @@ class Session:
         self.voices, self.on_turn, self.clock = voices, on_turn, clock
         self.log = logging.LoggerAdapter(log, {"session": self.id})
         self.audio = AudioBuffer(self.cfg.input_rate)
-        self.frames: deque[tuple[float, np.ndarray]] = deque(maxlen=limits.max_frames)
-        self._last_frame_in = -np.inf  # arrival time of the last frame (kept or not)
+        self.frames: deque[tuple[float, float, np.ndarray]] = deque(maxlen=limits.max_frames)  # (arrival, audio, frame)
+        self._last_frame_in = (-np.inf, -np.inf)  # the times of the last frame (kept or not), as in self.frames
         self.pending: list[Part] = []  # user parts since the last response
         self.pending_items = 0
         self.last_item: str | None = None
@@ -311,17 +316,20 @@ class Session:
 
     async def _on_input_image_buffer_append(self, ev: dict) -> None:
         eid = ev.get("event_id")
-        now = self.clock()
+        # Two times: arrival, and the seconds of input audio received before it. While the client streams
+        # audio the second is its own clock: it puts the frame at the speech it came with, however the network
+        # or our scheduler spaced their arrival. Frames are too close together only when they are on both.
+        at = (self.clock(), self.audio.total / SAMPLE_RATE)
         b64 = require(ev, "image", str, "image", eid)
         if len(b64) * 3 // 4 > self.limits.max_frame_bytes:
             raise ProtocolError(f"video frame over {self.limits.max_frame_bytes} bytes (this frame was dropped)",
                                 "frame_too_large", "image", eid)
-        if now - self._last_frame_in < 1.0 / self.limits.max_fps:
+        if _within(self._last_frame_in, at, 1.0 / self.limits.max_fps):
             raise ProtocolError(f"video frames faster than {self.limits.max_fps:g} per second (this frame was "
                                 "dropped); send at most 2 per second", "frame_rate_exceeded", "image", eid)
-        self._last_frame_in = now
+        self._last_frame_in = at
         raw = data_uri(b64, "image", eid)
-        if self.frames and now - self.frames[-1][0] < 1.0 / self.limits.video_fps - 1e-3:
+        if self.frames and _within(self.frames[-1][:2], at, 1.0 / self.limits.video_fps - 1e-3):
             return  # the model sees at most video_fps frames per second; this one falls between them
         try:
             frame = await asyncio.to_thread(media.load_image, raw)
@@ -329,13 +337,14 @@ class Session:
             raise ProtocolError(f"undecodable video frame: {e}", "invalid_image", "image", eid) from None
         if len(self.frames) == self.frames.maxlen:
             self.log.debug("session %s: frame buffer full; dropping the oldest frame", self.id)
-        self.frames.append((now, frame))
+        self.frames.append((*at, frame))
 
     def _commit(self, event_id: str | None, item_id: str, upto: int | None = None, since: int | None = None) -> None:
         audio = self.audio.take(upto)
         if since is not None and upto is not None:  # VAD turns start prefix_padding_ms before the speech
             audio = audio[max(0, len(audio) - (upto - since)):]
-        frames = list(self.frames)
+        clock = 1 if len({heard for _, heard, _ in self.frames}) > 1 else 0  # the audio's if it ran with the frames
+        frames = [(f[clock], f[2]) for f in self.frames]
         self.frames.clear()
         if len(audio) < MIN_COMMIT_S * SAMPLE_RATE and not frames:
             raise ProtocolError(f"buffer too small: expected at least {int(MIN_COMMIT_S * 1000)} ms of audio, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from omni.types import Audio, Image, Video
 from streaming.protocol import Dialect, ProtocolError, ResponseOptions, SessionConfig, parse, response_options, usage
-from streaming.session import AudioBuffer, sample_frames, turn_parts
+from streaming.session import AudioBuffer, Session, sample_frames, turn_parts
 from streaming.vad import SileroVad
 from tests import media as make
 from tests.realtime import speech, validate
@@ -99,6 +101,34 @@ def test_frames_are_sampled_to_two_per_second_and_become_a_video_or_images():
     assert [type(p) for p in parts] == [Image, Audio]
     (v,) = turn_parts(np.zeros(0, np.float32), frames[:20], 2.0)
     assert isinstance(v, Video) and not v.use_audio and v.audio is None
+
+
+def test_live_frames_are_timed_by_the_input_audio_or_else_by_arrival():
+    """Frames sent along with audio take its clock, however their arrival bunched up; frames alone, arrival's."""
+    now, sent = [100.0], []
+    s = Session(None, sent.append, dialect=Dialect(False), model_name="omni",
+                defaults=SessionConfig(input_rate=16000, turn_detection=None), clock=lambda: now[0])
+    frame = base64.b64encode(make.encode_image(make.pattern_image(28, 28), "mjpeg")).decode()
+
+    async def turn(audio_s: float, apart_s: float) -> list:
+        pcm = base64.b64encode(np.zeros(int(audio_s * 16000), "<i2").tobytes()).decode()
+        for _ in range(4):
+            await s.handle(json.dumps({"type": "input_image_buffer.append", "image": frame}))
+            now[0] += apart_s
+            if audio_s:
+                await s.handle(json.dumps({"type": "input_audio_buffer.append", "audio": pcm}))
+        await s.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        parts, s.pending = s.pending, []
+        return parts
+
+    async def main():
+        return await turn(0.6, 0.01), await turn(0.0, 0.5)
+
+    (talked,), (seen,) = asyncio.run(main())  # 10 ms apart: faster than 30 per second, if it were not for the audio
+    assert not [e for e in sent if e["type"] == "error"]
+    assert isinstance(talked, Video) and talked.source.shape[0] == 4 and len(talked.audio) == 4 * 9600
+    assert talked.fps == pytest.approx(1 / 0.6)
+    assert isinstance(seen, Video) and seen.source.shape[0] == 4 and seen.audio is None and seen.fps == 2.0
 
 
 def test_silero_vad_finds_speech_in_silence(tmp_path):
