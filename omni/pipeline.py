@@ -20,9 +20,9 @@ from omni.processor import MediaOptions, Processor, Prompt
 from omni.sampling import SamplingParams, sample
 from omni.thinker import Thinker
 from omni.types import PromptStates, ThinkerStep
+from omni.weights import Checkpoint, empty_params, load_module
 from talker.bigvgan import BigVGAN
-from talker.dit import DiT
-from talker.dit import sample_mel
+from talker.dit import DiT, sample_mel
 from talker.talker import TALKER_SAMPLING, Talker, generate_codes
 from talker.token2wav import StreamOptions, Token2Wav, draw_stream_noise
 
@@ -77,8 +77,8 @@ def load_token2wav(ckpt: Checkpoint, cfg: Token2WavConfig, device: torch.device,
         dit, voc = DiT(cfg.dit_config), BigVGAN(cfg.bigvgan_config)
     load_module(dit, ckpt, "token2wav.code2wav_dit_model.", dtype=torch.float32, device=device)
     load_module(voc, ckpt, "token2wav.code2wav_bigvgan_model.", dtype=torch.float32, device=device)
+    dit.fuse()
     return Token2Wav(dit, voc, options)
-from omni.weights import Checkpoint, empty_params, load_module
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni.config import DiTConfig
-from omni.layers import apply_rotary
+from omni.layers import apply_rotary, fuse_linears
 
 
 def _conv(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Conv1d:
@@ -170,14 +170,22 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(c.hidden_size, inner)
         self.to_v = nn.Linear(c.hidden_size, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, c.hidden_size)])
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
 
-    def forward(self, x, cos, sin, mask):  # x (B, T, D); cos/sin (T, hd) or (B, 1, T, hd); mask (T, T) or (B, 1, T, T)
+    def fuse(self) -> None:
+        """q, k and v in one product (after loading; see `omni.layers.fuse_linears`)."""
+        self._qkv = fuse_linears([self.to_q, self.to_k, self.to_v])
+
+    def forward(self, x, cos, sin, mask):  # x (B, T, D); cos/sin (T, hd) or (B, 1, T, hd); mask: BlockPlan or (.., T, T)
         B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))  # (B, nh, T, hd)
+        if self._qkv is None:
+            q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        else:
+            q, k, v = F.linear(x, *self._qkv).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
         # The checkpoint was trained with interleaved rotary on the first head only.
         q = torch.cat([apply_rotary(_deinterleave(q[:, :1]), cos, sin), q[:, 1:]], dim=1)
         k = torch.cat([apply_rotary(_deinterleave(k[:, :1]), cos, sin), k[:, 1:]], dim=1)
-        if isinstance(mask, BlockLayout):
+        if isinstance(mask, BlockPlan):
             y = block_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -197,26 +205,44 @@ class BlockLayout:
     offset: int
 
 
-def block_attention(q, k, v, lay: BlockLayout):
+@dataclass(frozen=True)
+class BlockPlan:
+    """Index work of `block_attention` for one layout and length, done once per window."""
+
+    layout: BlockLayout
+    length: int  # frames T
+    blocks: int  # n: blocks the frames touch
+    neighbours: torch.Tensor  # (n * S,): for each block, its S neighbour blocks (clamped at the ends)
+    key_bias: torch.Tensor  # (n, 1, S * block): 0 for neighbour frames inside the window, -inf elsewhere
+
+    @classmethod
+    def make(cls, lay: BlockLayout, T: int, device) -> "BlockPlan":
+        n = -(-(lay.offset + T) // lay.block)
+        frame_ok = F.pad(torch.ones(T, dtype=torch.bool), (lay.offset, n * lay.block - lay.offset - T)).view(n, lay.block)
+        idx = torch.arange(n)
+        shifts = range(-min(lay.back, n - 1), min(lay.ahead, n - 1) + 1)  # no block lies further away than n - 1
+        shifted = torch.stack([(idx + sh).clamp(0, n - 1) for sh in shifts], 1)  # (n, S)
+        inside = torch.stack([((idx + sh) >= 0) & ((idx + sh) < n) for sh in shifts], 1)  # (n, S)
+        key_ok = (frame_ok[shifted] & inside[..., None]).view(n, 1, -1)
+        # an additive mask: the attention kernel skips the checks a boolean one costs
+        key_bias = torch.zeros(key_ok.shape).masked_fill_(~key_ok, float("-inf"))
+        return cls(lay, T, n, shifted.reshape(-1).to(device), key_bias.to(device))
+
+
+def block_attention(q, k, v, plan: BlockPlan):
     """Exact block-local attention without a (T, T) mask: (B, h, T, d) -> (B, h, T, d).
 
     Queries are cut into blocks; each attends to its own and its neighbour blocks' keys, so the
     cost is T x block x (1 + back + ahead) instead of T x T.
     """
     B, h, T, d = q.shape
-    n = -(-(lay.offset + T) // lay.block)
+    lay, n = plan.layout, plan.blocks
     pad = (0, 0, lay.offset, n * lay.block - lay.offset - T)
     qb, kb, vb = (F.pad(x, pad).view(B, h, n, lay.block, d) for x in (q, k, v))
-    frame_ok = F.pad(torch.ones(T, dtype=torch.bool, device=q.device), pad[2:]).view(n, lay.block)
-    idx = torch.arange(n, device=q.device)
-    shifts = range(-min(lay.back, n - 1), min(lay.ahead, n - 1) + 1)  # no block lies further away than n - 1
-    shifted = [(idx + sh).clamp(0, n - 1) for sh in shifts]
-    inside = [((idx + sh) >= 0) & ((idx + sh) < n) for sh in shifts]
-    # neighbour block i + sh of every block i, side by side along the key axis: (B, h, n, K, d), K = block * shifts
-    kn = torch.cat([kb.index_select(2, j) for j in shifted], dim=3)
-    vn = torch.cat([vb.index_select(2, j) for j in shifted], dim=3)
-    key_ok = torch.cat([frame_ok.index_select(0, j) & ok[:, None] for j, ok in zip(shifted, inside)], dim=1)  # (n, K)
-    y = F.scaled_dot_product_attention(qb, kn, vn, attn_mask=key_ok[:, None, :])  # (B, h, n, block, d)
+    # neighbour blocks of every block side by side along the key axis: (B, h, n, S * block, d)
+    kn = kb.index_select(2, plan.neighbours).view(B, h, n, -1, d)
+    vn = vb.index_select(2, plan.neighbours).view(B, h, n, -1, d)
+    y = F.scaled_dot_product_attention(qb, kn, vn, attn_mask=plan.key_bias)  # (B, h, n, block, d)
     return y.reshape(B, h, n * lay.block, d)[:, :, lay.offset:lay.offset + T]
 
 
@@ -242,14 +268,17 @@ class DiTBlock(nn.Module):
         self.ff = FeedForward(c.hidden_size, int(c.hidden_size * c.ff_mult))
         self.ahead, self.back = ahead, back
 
-    def forward(self, x, temb, cos, sin, block_diff):
+    def attention_mask(self, grid: BlockLayout | torch.Tensor, T: int, device):
+        """This layer's attention pattern over a window: a BlockPlan when every row shares one block grid
+        (`grid` a BlockLayout), else a boolean mask from `grid`, (.., T, T) key block - query block."""
+        if isinstance(grid, BlockLayout):
+            return BlockPlan.make(BlockLayout(grid.block, self.back, self.ahead, grid.offset), T, device)
+        return (grid >= -float(self.back)) & (grid <= float(self.ahead))
+
+    def forward(self, x, temb, cos, sin, mask):
         D = x.shape[-1]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(self.attn_norm.linear(F.silu(temb)), 6, dim=1)
         h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        if isinstance(block_diff, BlockLayout):
-            mask = BlockLayout(block_diff.block, self.back, self.ahead, block_diff.offset)
-        else:
-            mask = (block_diff >= -float(self.back)) & (block_diff <= float(self.ahead))
         x = x + gate_msa.unsqueeze(1) * self.attn(h, cos, sin, mask)
         h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
@@ -274,6 +303,11 @@ class DiT(nn.Module):
     def speaker(self, ref_mel):  # (B, T_ref, mel_dim) -> (B, enc_dim)
         return self.input_embed.spk_encoder(ref_mel)
 
+    def fuse(self) -> None:
+        """Serving layout, after loading: q/k/v in one product per layer."""
+        for layer in self.transformer_blocks:
+            layer.attn.fuse()
+
     def forward(self, x, spk, cond, codes, t, start: int | torch.Tensor = 0):
         """One velocity evaluation.
 
@@ -282,34 +316,58 @@ class DiT(nn.Module):
         flow time; start: absolute mel frame of x[:, 0], one for all rows or (B,) one per row (windows
         of several utterances in one batch). Returns the velocity (B, T, mel_dim).
         """
+        if codes.shape[1] * self.cfg.repeats != x.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} mel frames but codes give {codes.shape[1]} x {self.cfg.repeats}")
+        return self.velocity(self.prepare(spk, cond, codes, start), x, t)
+
+    def prepare(self, spk, cond, codes, start: int | torch.Tensor = 0) -> "DiTWindow":
+        """Everything a window's velocity evaluations share (the sampler makes 36): the input
+        projection of voice and codes, rotary angles, each layer's attention pattern."""
         c = self.cfg
-        B, T, _ = x.shape
-        if codes.shape[1] * c.repeats != T:
-            raise ValueError(f"x has {T} mel frames but codes give {codes.shape[1]} x {c.repeats}")
-        temb = self.time_embed(t)  # (B, D)
+        B, T = codes.shape[0], codes.shape[1] * c.repeats
+        device = spk.device
         code = torch.repeat_interleave(self.text_embed.codec_embed(codes), c.repeats, dim=1)  # (B, T, emb_dim)
-        h = torch.cat((x, spk.unsqueeze(1).expand(B, T, -1), code, cond.unsqueeze(1).expand(B, T, -1)), dim=-1)
-        h = self.input_embed.proj(h)  # (B, T, D)
+        rest = torch.cat((spk.unsqueeze(1).expand(B, T, -1), code, cond.unsqueeze(1).expand(B, T, -1)), dim=-1)
+        proj = self.input_embed.proj  # its input is [x, spk, code, cond]: all but x are fixed for the window
+        fixed = F.linear(rest, proj.weight[:, c.mel_dim:], proj.bias)  # (B, T, D)
         per_row = torch.is_tensor(start) and start.dim() == 1
         pos = (start.view(-1, 1).cpu() if per_row else start) + torch.arange(T)  # (B, T) or (T,)
         freqs = pos[..., None].float() * self.inv_freq.cpu()
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.device), emb.sin().to(x.device)  # (T, hd) or (B, T, hd)
+        cos, sin = emb.cos().to(device), emb.sin().to(device)  # (T, hd) or (B, T, hd)
         offsets = {int(o) for o in (start.view(-1) if per_row else torch.tensor([start])) % c.block_size}
         if per_row:
             cos, sin = cos[:, None], sin[:, None]
         if len(offsets) == 1:  # every row on the same block grid: block-local attention, no (T, T) mask
-            block_diff = BlockLayout(c.block_size, 0, 0, offsets.pop())
+            grid = BlockLayout(c.block_size, 0, 0, offsets.pop())
         else:
             blk = pos // c.block_size
-            block_diff = (blk[..., None, :] - blk[..., :, None]).to(x.device)  # (.., T, T): key block - query block
+            grid = (blk[..., None, :] - blk[..., :, None]).to(device)  # (.., T, T): key block - query block
             if per_row:
-                block_diff = block_diff[:, None]
-        for layer in self.transformer_blocks:
-            h = layer(h, temb, cos, sin, block_diff)
+                grid = grid[:, None]
+        masks = [layer.attention_mask(grid, T, device) for layer in self.transformer_blocks]
+        return DiTWindow(fixed, proj.weight[:, :c.mel_dim].contiguous(), cos, sin, masks)
+
+    def velocity(self, win: "DiTWindow", x, t):
+        """x (B, T, mel_dim) at flow time t (B,) -> velocity (B, T, mel_dim), over a prepared window."""
+        temb = self.time_embed(t)  # (B, D)
+        h = torch.addmm(win.fixed.flatten(0, 1), x.flatten(0, 1), win.x_weight.T).view(win.fixed.shape)
+        for layer, mask in zip(self.transformer_blocks, win.masks):
+            h = layer(h, temb, win.cos, win.sin, mask)
         scale, shift = torch.chunk(self.norm_out.linear(F.silu(temb)), 2, dim=1)
         h = F.layer_norm(h, (h.shape[-1],), eps=1e-6) * (1 + scale)[:, None, :] + shift[:, None, :]
         return self.proj_out(h)
+
+
+@dataclass
+class DiTWindow:
+    """`DiT.prepare`'s result; holds tensors for one sampling call, never stored on the module."""
+
+    fixed: torch.Tensor  # (B, T, D) input projection of voice, codes, bias
+    x_weight: torch.Tensor  # (D, mel_dim) the projection's columns for the noisy mel
+    cos: torch.Tensor
+    sin: torch.Tensor
+    masks: list  # per layer: BlockPlan or boolean mask
 
 
 def time_points(steps: int = 10, sway: float | None = -1.0) -> torch.Tensor:
@@ -369,11 +427,13 @@ def sample_mel(
         cond = torch.cat([cond, torch.zeros_like(cond)], dim=0)
         codes = torch.cat([codes, torch.zeros_like(codes)], dim=0)
 
+    win = dit.prepare(spk, cond, codes, start)
+
     def velocity(t, x):
         n = codes.shape[0]
         if guidance_scale < 1e-5:
-            return dit(x, spk, cond, codes, t.repeat(n), start)
-        out = dit(torch.cat([x, x], dim=0), spk, cond, codes, t.repeat(n), start)
+            return dit.velocity(win, x, t.repeat(n))
+        out = dit.velocity(win, torch.cat([x, x], dim=0), t.repeat(n))
         guided, null = torch.chunk(out, 2, dim=0)
         return guided + (guided - null) * guidance_scale
 

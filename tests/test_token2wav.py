@@ -61,6 +61,7 @@ def ref(request, tmp_path_factory):
     build_spk_dict(out, d, seed=0)
     cfg = OmniConfig.from_dict(d).token2wav_config
     dit = load_module(DiT(cfg.dit_config), out, "token2wav.code2wav_dit_model.")
+    dit.fuse()  # the serving layout (test_talker covers the unfused one)
     voc = load_module(BigVGAN(cfg.bigvgan_config), out, "token2wav.code2wav_bigvgan_model.")
     voices = torch.load(out / "spk_dict.pt", weights_only=True)
     return name, t2w, dit, voc, voices
