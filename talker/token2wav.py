@@ -27,7 +27,7 @@ from talker.dit import DiT, draw_noise, sample_mel
 @dataclass(frozen=True)
 class StreamOptions:
     chunk_codes: int = 24  # codes in the first DiT chunk (48 mel frames, 0.48 s of audio)
-    max_chunk_codes: int = 96  # later chunks double up to this: less recomputed context per second of audio
+    max_chunk_codes: int = 192  # later chunks double up to this: less recomputed context per second of audio
     ahead_codes: int = 12  # future codes the DiT window sees; first chunk once chunk+ahead = 36 codes exist
     back_codes: int = 24  # past codes the DiT window sees (their mel is recomputed and dropped)
     voc_context: int = 20  # mel frames of vocoder context each side (>= 20: equals one-shot in fp32)

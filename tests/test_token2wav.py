@@ -305,12 +305,13 @@ def test_vocoder_context_needed(ref):
 def test_batched_windows_equal_solo(ref, monkeypatch):
     """Two utterances (different voices, lengths and frames) advanced together equal each alone."""
     name, t2w, dit, voc, voices = ref
+    opt = StreamOptions(max_chunk_codes=96)  # steady chunks of 96 codes early on: a short test
     n_a, n_b, lag = 360, 250, 96  # b lags one steady chunk: a's chunk k+1 and b's chunk k share a batch
     codes_a, cond_a, mel_a = _inputs(dit, voices, n=n_a)
     v = voices[sorted(voices)[-1]]
     codes_b = torch.randint(1, dit.cfg.num_embeds, (1, n_b), generator=torch.Generator().manual_seed(4))
     cond_b, mel_b = v["cond"], v["ref_mel"]
-    solo = [_stream(dit, voc, c, co, m, [c.shape[1]], seed=s)[0]
+    solo = [_stream(dit, voc, c, co, m, [c.shape[1]], seed=s, opt=opt)[0]
             for c, co, m, s in ((codes_a, cond_a, mel_a, 1), (codes_b, cond_b, mel_b, 2))]
     import talker.token2wav as t2w_mod
 
@@ -322,7 +323,7 @@ def test_batched_windows_equal_solo(ref, monkeypatch):
         return sample_mel(*a, **kw)
 
     monkeypatch.setattr(t2w_mod, "sample_mel", spy)
-    tw = Token2Wav(dit, voc, StreamOptions())
+    tw = Token2Wav(dit, voc, opt)
     a = tw.start(cond_a, mel_a, torch.Generator().manual_seed(1))
     b = tw.start(cond_b, mel_b, torch.Generator().manual_seed(2))
     out = [[], []]
