@@ -65,9 +65,15 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
         self._gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
 
-    def fuse(self) -> None:
-        """Gate and up in one product (see `fuse_linears`)."""
-        self._gate_up = fuse_linears([self.gate_proj, self.up_proj])
+    def fuse(self, col_major: bool = False) -> None:
+        """Gate and up in one product (see `fuse_linears`); `col_major`: stored transposed (see `column_major`)."""
+        w, b = fuse_linears([self.gate_proj, self.up_proj])
+        if col_major:  # the views must follow: the layers' parameters stay views of what runs
+            w = w.T.contiguous().T
+            n = self.gate_proj.out_features
+            self.gate_proj.weight, self.up_proj.weight = (nn.Parameter(w[:n], requires_grad=False),
+                                                          nn.Parameter(w[n:], requires_grad=False))
+        self._gate_up = w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is None:

@@ -61,7 +61,7 @@ class Talker(nn.Module):
 
     def fuse(self, cpu: bool = False) -> None:
         """Serving layout (see `omni.thinker.Thinker.fuse`)."""
-        self.model.fuse()
+        self.model.fuse(cpu)
         if cpu:
             column_major(self.codec_head)
 

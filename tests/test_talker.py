@@ -39,7 +39,10 @@ from tests.test_token2wav import _sharpen_token2wav
 
 torch.set_num_threads(1)
 
-TOL = dict(atol=1e-4, rtol=1e-4)
+# Talker logits of magnitude 0.1-40, fed by our Thinker's states: its CPU layout (gate/up and head
+# weights stored transposed) sums in another order than transformers, which the sharpened weights
+# carry here as up to ~3e-4 (1e-4 with the reference's layout). Greedy codes must still be identical.
+TOL = dict(atol=5e-4, rtol=5e-4)
 WAVE_TOL = dict(atol=1e-5, rtol=1e-5)
 N_TEXT = 10  # thinker tokens: 9 ThinkerSteps reach the talker (the last is never fed)
 N_CODES = 24  # runs well past the reply's end: eod, then pads
