@@ -84,7 +84,7 @@ class AntiAliasedActivation1d(nn.Module):
 
     Runs in polyphase form. The upsampler's even and odd output samples are two 6-tap filters at
     the input rate, the activation runs on each phase, and the decimator sums 6 taps of each phase,
-    so nothing at twice the rate is materialised and every filter is a plain depthwise convolution.
+    so nothing at twice the rate is materialised and every filter is a 6-tap FIR along time.
     Equal to `downsample(act(upsample(x)))` (transformers' transposed convolution and replicate
     padding at both ends included) to fp32 rounding, at about a third of the time on a CPU.
     """
@@ -98,6 +98,20 @@ class AntiAliasedActivation1d(nn.Module):
         for name, taps in (("up_even", up[torch.arange(11, 0, -2)]), ("up_odd", up[torch.arange(10, -1, -2)]),
                            ("down_even", down[0::2]), ("down_odd", down[1::2])):
             self.register_buffer(name, taps.reshape(1, 1, 6).repeat(channels, 1, 1), persistent=False)
+        self._taps = {name: getattr(self, name)[0, 0].tolist() for name in ("up_even", "up_odd", "down_even", "down_odd")}
+
+    def _fir(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Filter `name` over every channel, 'valid' (length T - 5). A depthwise kernel vectorises across
+        channels, so for the last stages' few channels six shifted multiply-adds along time are ~3x
+        faster (and give the same numbers)."""
+        C, n = x.shape[1], x.shape[-1] - 5
+        if C > 4:
+            return F.conv1d(x, getattr(self, name), groups=C)
+        taps = self._taps[name]
+        y = torch.mul(x[..., :n], taps[0])
+        for k in range(1, 6):
+            y.add_(x[..., k:k + n], alpha=taps[k])
+        return y
 
     def forward(self, x):  # (B, C, T) -> (B, C, T)
         B, C, T = x.shape
@@ -108,13 +122,13 @@ class AntiAliasedActivation1d(nn.Module):
             return torch.mul(u, alpha).sin_().square_().mul_(inv_beta).add_(u)
 
         x = torch.cat([x[..., :1].expand(B, C, 3), x, x[..., -1:].expand(B, C, 3)], -1)  # replicate pad
-        even = snake(F.conv1d(x[..., :T + 5], self.up_even, groups=C))  # upsampled[0::2]
-        odd = snake(F.conv1d(x[..., 1:], self.up_odd, groups=C))  # upsampled[1::2]
+        even = snake(self._fir(x[..., :T + 5], "up_even"))  # upsampled[0::2]
+        odd = snake(self._fir(x[..., 1:], "up_odd"))  # upsampled[1::2]
         # the decimator's replicate padding (5 left, 6 right of the 2x signal), phase by phase
         first, last = even[..., :1], odd[..., -1:]
         on_even = torch.cat([first.expand(B, C, 3), odd, last.expand(B, C, 2)], -1)
         on_odd = torch.cat([first.expand(B, C, 2), even, last.expand(B, C, 3)], -1)
-        return F.conv1d(on_even, self.down_even, groups=C).add_(F.conv1d(on_odd, self.down_odd, groups=C))
+        return self._fir(on_even, "down_even").add_(self._fir(on_odd, "down_odd"))
 
 
 class AMPBlock(nn.Module):

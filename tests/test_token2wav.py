@@ -156,17 +156,18 @@ def test_bigvgan_parity(ref):
         torch.testing.assert_close(voc(mel)[0], want, **TOL)
 
 
+@pytest.mark.parametrize("C", [2, 6])
 @pytest.mark.parametrize("T", [1, 2, 5, 7, 64, 1000])
-def test_polyphase_activation_equals_upsample_act_downsample(T):
+def test_polyphase_activation_equals_upsample_act_downsample(T, C):
     """The anti-aliased activation runs phase by phase; it equals the direct 2x form at any length."""
     from talker.bigvgan import AntiAliasedActivation1d
 
     g = torch.Generator().manual_seed(T)
-    act = AntiAliasedActivation1d(6)
+    act = AntiAliasedActivation1d(C)
     with torch.no_grad():
         act.act.alpha.normal_(0, 0.5, generator=g)
         act.act.beta.normal_(0, 0.5, generator=g)
-        x = torch.randn(2, 6, T, generator=g) * 2
+        x = torch.randn(2, C, T, generator=g) * 2
         want = act.downsample(act.act(act.upsample(x)))
         torch.testing.assert_close(act(x), want, rtol=1e-5, atol=1e-5)
         if T > 1:
