@@ -12,6 +12,12 @@ batched decode step for every active response, each at its own position and slot
 conversation joining or leaving does not stall the others. Media decoding and featurising run
 on a small thread pool before a turn reaches the worker. Events flow back through one bounded
 queue per response; a response whose consumer falls behind is paused, never dropped.
+
+The text side runs one step ahead of the host: a sampled token stays on the device and feeds the
+next decode step from there, while its value is copied to the host without waiting (pinned
+memory, an event) and read one step later, when the device is busy with the next step. So a
+decode step never waits for the device on CUDA. A stop token is fed one step too early and is
+taken out of the cache again when it is read.
 """
 
 from __future__ import annotations
