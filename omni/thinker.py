@@ -162,9 +162,9 @@ class Thinker(nn.Module):
         self.audio_tower = AudioEncoder(cfg.audio_config)
 
     def fuse(self, cpu: bool = False) -> None:
-        """Serving layout (see `Decoder.fuse`); on a CPU the vocabulary head is stored transposed,
-        which a decode step streams ~3x faster (the logits' sums change order; the hidden states the
-        Talker reads do not)."""
+        """Serving layout (see `Decoder.fuse`); on a CPU the vocabulary head is stored transposed too,
+        which a decode step streams ~3x faster. Transposed weights sum in another order than the
+        reference: equal to fp32 rounding, not bit for bit."""
         self.model.fuse(cpu)
         if cpu:
             column_major(self.lm_head)

@@ -101,7 +101,10 @@ class _Turn:
     sampled_iter: int = -1  # the worker iteration that sampled it
     sampled_count: int = 0  # tokens sampled so far
     seen_before: torch.Tensor | None = None  # (1,) bool: whether the repetition penalty knew it before
-    fed: tuple | None = None  # (embeds, hidden, positions) of the step that fed `sampled`, until its value is read
+    # (embeds, hidden, positions, token, seen_before) of the step that fed the last sampled token, until its
+    # value is read
+    fed: tuple | None = None
+    prefilled: bool = False
     pos: int = 0
     generated: int = 0
     detok: _Detokenizer | None = None
@@ -467,6 +470,7 @@ class Engine:
                 turn.talker_prompt = PromptStates(*(torch.cat(x, -1 if i == 3 else 0)
                                                     for i, x in enumerate(zip(*conv.history))))
         turn.pos = conv.next_position = p.next_position
+        turn.prefilled = True
         turn.detok = _Detokenizer(m.processor.tok)
         turn.t_prefill = time.perf_counter() - t0
         self._active.append(turn)
@@ -488,7 +492,7 @@ class Engine:
         hidden = th(embeds, positions, self._cache, slots)
         logits = th.lm_head(hidden[:, -1])  # (B, V)
         for i, t in enumerate(turns):
-            t.fed = (embeds[i], hidden[i], positions_host[:, i])
+            t.fed = (embeds[i], hidden[i], positions_host[:, i], t.sampled, t.seen_before)
             t.pos += 1
             t.conv.next_position = t.pos
             if t.sampled_value is not None:  # read already (the turn was paused): confirm it now
@@ -520,11 +524,13 @@ class Engine:
             if t.first_token_at is None:
                 t.first_token_at = time.perf_counter()
             if tok in m.stop_ids:
+                self._drop_sampled(t)  # sampled after the stop token, if that was fed
                 if t.fed is not None:  # the stop token went into the cache a step early: take it out
                     self._cache.truncate(t.conv.slot, int(self._cache.lengths[t.conv.slot]) - 1)
                     t.pos -= 1
+                    *_, stop, seen_before = t.fed
+                    t.conv.seen[stop] = seen_before
                     t.fed = None
-                self._drop_sampled(t)
                 t.conv.next_position = t.pos
                 t.conv.pending, t.conv.closed_reply = [m.processor.tok.token_id("<|im_end|>")], True
                 self._text_end(t, "completed")
@@ -538,7 +544,7 @@ class Engine:
 
     def _confirm(self, t: _Turn, tok: int) -> None:
         """The token `t.fed` fed is known and not a stop: its step joins the history and the Talker."""
-        embed, hidden, position = t.fed
+        embed, hidden, position, *_ = t.fed
         t.fed = None
         if t.conv.history is not None:
             t.conv.history.append((torch.tensor([tok]), embed, hidden, position))
@@ -624,9 +630,13 @@ class Engine:
 
     def _finish(self, turn: _Turn, status: str | None = None, error: Error | None = None) -> None:
         conv = turn.conv
-        if not turn.text_done:  # cut short: what was emitted stays; a token not yet read is dropped
-            conv.pending, conv.closed_reply = ([turn.sampled_value] if turn.sampled_value is not None else []), False
-            self._drop_sampled(turn)
+        if turn.prefilled and not turn.text_done:  # cut short: what was emitted stays; a token not read is dropped
+            if turn.sampled_value is not None:  # emitted, not fed
+                conv.pending, turn.sampled, turn.sampled_value = [turn.sampled_value], None, None
+            else:
+                conv.pending = []
+                self._drop_sampled(turn)
+            conv.closed_reply = False
         turn.emit.call(turn.done.set)  # before the final event, so a caller that saw it sees the turn done
         if error is not None:
             turn.emit.put(error)
