@@ -210,7 +210,6 @@ class BlockPlan:
     """Index work of `block_attention` for one layout and length, done once per window."""
 
     layout: BlockLayout
-    length: int  # frames T
     blocks: int  # n: blocks the frames touch
     neighbours: torch.Tensor  # (n * S,): for each block, its S neighbour blocks (clamped at the ends)
     key_bias: torch.Tensor  # (n, 1, S * block): 0 for neighbour frames inside the window, -inf elsewhere
@@ -226,7 +225,7 @@ class BlockPlan:
         key_ok = (frame_ok[shifted] & inside[..., None]).view(n, 1, -1)
         # an additive mask: the attention kernel skips the checks a boolean one costs
         key_bias = torch.zeros(key_ok.shape).masked_fill_(~key_ok, float("-inf"))
-        return cls(lay, T, n, shifted.reshape(-1).to(device), key_bias.to(device))
+        return cls(lay, n, shifted.reshape(-1).to(device), key_bias.to(device))
 
 
 def block_attention(q, k, v, plan: BlockPlan):
