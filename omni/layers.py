@@ -38,11 +38,13 @@ def column_major(linear: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse_linears(linears: list[nn.Linear], col_major: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (weight, bias) for several Linear layers that read the same input: one product instead
     of several. The layers' parameters become views of it, so names, values and checkpoint layout
-    are unchanged. Built after loading."""
+    are unchanged. Built after loading. `col_major`: stored transposed (see `column_major`)."""
     w = torch.cat([m.weight for m in linears])
+    if col_major:
+        w = w.T.contiguous().T
     b = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     i = 0
     for m in linears:
@@ -66,14 +68,8 @@ class GatedMLP(nn.Module):
         self._gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
 
     def fuse(self, col_major: bool = False) -> None:
-        """Gate and up in one product (see `fuse_linears`); `col_major`: stored transposed (see `column_major`)."""
-        w, b = fuse_linears([self.gate_proj, self.up_proj])
-        if col_major:  # the views must follow: the layers' parameters stay views of what runs
-            w = w.T.contiguous().T
-            n = self.gate_proj.out_features
-            self.gate_proj.weight, self.up_proj.weight = (nn.Parameter(w[:n], requires_grad=False),
-                                                          nn.Parameter(w[n:], requires_grad=False))
-        self._gate_up = w, b
+        """Gate and up in one product (see `fuse_linears`)."""
+        self._gate_up = fuse_linears([self.gate_proj, self.up_proj], col_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is None:
