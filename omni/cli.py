@@ -42,8 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--video", action=_MediaAction, metavar="PATH", help="a video file (repeatable)")
     g.add_argument("--system", help="system prompt (default: Qwen2.5-Omni's own)")
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--greedy", action="store_true", help="no sampling: always the most likely token")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--greedy", action="store_true",
+                   help="nothing sampled, the same reply every run: the Thinker and the Talker always take the most "
+                        "likely token (the Talker with the reference's repetition penalty 1.05, as transformers' "
+                        "talker_do_sample=False), and the vocoder's noise comes from a fixed seed, so --seed changes "
+                        "nothing. Without it the text and the speech codes are sampled (the checkpoint's "
+                        "generation_config.json; the Talker: temperature 0.9, top-k 40, top-p 0.8)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of every sampled stage: Thinker, Talker, vocoder noise (default 0; unused with --greedy)")
     g.add_argument("--use-audio-in-video", action=argparse.BooleanOptionalAction, default=None,
                    help="feed a video's sound track with its frames (default: on for videos with sound)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -114,7 +120,7 @@ def cmd_generate(args) -> int:
     t_load = time.perf_counter() - t0
     engine = Engine(model, EngineConfig(max_sessions=1, max_context=args.max_context,
                                         max_new_tokens=args.max_new_tokens,
-                                        max_codes=int(args.max_audio_seconds * 50)))
+                                        max_audio_s=args.max_audio_seconds))
     text_out = sys.stderr if to_stdout else sys.stdout
     writer = None
     token_ids, text, done = [], [], None
@@ -129,7 +135,8 @@ def cmd_generate(args) -> int:
             nonlocal done
             conv = engine.open_conversation(voice=args.voice, system=args.system)
             async for ev in conv.respond(parts, modalities=("text", "audio") if speak else ("text",),
-                                         sampling=GREEDY if args.greedy else None, seed=args.seed):
+                                         sampling=GREEDY if args.greedy else None,
+                                         seed=None if args.greedy else args.seed):
                 if isinstance(ev, TextDelta):
                     token_ids.append(ev.token_id)
                     text.append(ev.text)

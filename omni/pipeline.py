@@ -17,13 +17,13 @@ import torch
 
 from omni.config import OmniConfig, Token2WavConfig
 from omni.processor import MediaOptions, Processor, Prompt
-from omni.sampling import SamplingParams, sample
+from omni.sampling import GREEDY, SamplingParams, sample
 from omni.thinker import Thinker
 from omni.types import PromptStates, ThinkerStep
 from omni.weights import Checkpoint, empty_params, load_module
 from talker.bigvgan import BigVGAN
 from talker.dit import DiT, sample_mel
-from talker.talker import TALKER_SAMPLING, Talker, generate_codes
+from talker.talker import TALKER_GREEDY, TALKER_SAMPLING, Talker, generate_codes
 from talker.token2wav import StreamOptions, Token2Wav, draw_stream_noise
 
 SAMPLE_RATE = 24000  # Token2Wav output
@@ -157,8 +157,16 @@ class OmniModel:
             raise SpeechError(f"unknown voice {name!r}; this checkpoint has: {', '.join(sorted(self.voices))}")
         return self.voices[name]
 
-    def default_sampling(self) -> SamplingParams:
-        """The checkpoint's generation_config.json, else Qwen2.5's usual chat settings."""
+    codec_hz = 50  # Talker codes per second of speech
+
+    def talker_sampling(self, greedy: bool = False) -> SamplingParams:
+        """The Talker's sampling as the reference's generate does it (greedy: talker_do_sample=False)."""
+        return TALKER_GREEDY if greedy else TALKER_SAMPLING
+
+    def default_sampling(self, greedy: bool = False) -> SamplingParams:
+        """The checkpoint's generation_config.json, else Qwen2.5's usual chat settings; or greedy."""
+        if greedy:
+            return GREEDY
         g = self.generation
         return SamplingParams(temperature=float(g.get("temperature", 0.7)), top_k=int(g.get("top_k", 20)),
                               top_p=float(g.get("top_p", 0.8)),

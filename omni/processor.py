@@ -203,6 +203,12 @@ class Processor:
         return MediaSpec("video", grid_thw=tuple(grid[0].tolist()), audio_tokens=n_audio,
                          second_per_grid=v.second_per_grid, with_audio=use_audio)
 
+    def token_kinds(self, input_ids: torch.Tensor) -> dict[str, int]:
+        """How many of the ids are audio, image (video frames included) and text tokens, as usage counts them."""
+        audio = int((input_ids == self.ids["<|AUDIO|>"]).sum())
+        image = int(((input_ids == self.ids["<|IMAGE|>"]) | (input_ids == self.ids["<|VIDEO|>"])).sum())
+        return {"text": len(input_ids) - audio - image, "audio": audio, "image": image}
+
     def _expand(self, ids: list[int], specs: list[MediaSpec]) -> list[int]:
         """Replace each `bos, placeholder, eos` triple by the item's full run of tokens, in prompt order."""
         pads = {self.ids["<|IMAGE|>"], self.ids["<|VIDEO|>"], self.ids["<|AUDIO|>"]}

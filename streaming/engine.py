@@ -43,7 +43,6 @@ from omni.sampling import SamplingParams, sample
 from omni.types import AudioDelta, Done, Error, Event, Message, Part, PromptStates, Text, TextDelta, ThinkerStep
 from omni.wav import to_pcm16
 from talker import talker as talker_lib
-from talker.talker import TALKER_SAMPLING
 
 log = logging.getLogger("omni.engine")
 
@@ -61,7 +60,9 @@ class EngineConfig:
     max_sessions: int = 8  # conversations at once (KV-cache slots)
     max_context: int = 8192  # tokens per conversation, history included
     max_new_tokens: int = 512  # default reply length limit
-    max_codes: int = 1500  # speech length limit per reply in codec tokens (50 per second: 30 s)
+    max_codes: int = 1500  # speech length limit per reply in codec tokens (model.codec_hz per second) ...
+    max_audio_s: float | None = None  # ... or in seconds of speech, when set (then max_codes is ignored)
+    greedy: bool = False  # the default for turns that ask for no sampling: every stage takes its most likely token
     events_buffered: int = 64  # per response: the worker pauses a response whose consumer is this far behind
     inbox_size: int = 256  # pending commands (turns, cancels, closes)
     preprocess_threads: int = 2  # media decoding / featurising, off the worker and off the event loop
@@ -79,6 +80,7 @@ class _Conv:
     closed_reply: bool = True  # whether the last reply ended with <|im_end|>
     seen: torch.Tensor | None = None  # (V,) bool: tokens in the history (repetition penalty)
     turns: int = 0
+    media_held: dict = field(default_factory=lambda: {"audio": 0, "image": 0})  # such tokens in the cache
     # (ids, embeds, hidden, positions) of everything in the cache, for the Talker's prefill, which
     # covers the whole conversation (as a fresh run's would); None when the model cannot speak
     history: list | None = None
@@ -92,7 +94,8 @@ class _Turn:
     generator: torch.Generator | None
     max_new_tokens: int
     emit: "_Outbox"
-    t_submit: float
+    max_output_tokens: int | None = None  # text and codec tokens together (the protocols' output limit)
+    t_submit: float = 0.0
     cancelled: str | None = None  # reason once cancelled
     # The text side runs one step ahead of the host: a sampled token stays on the device, is fed to
     # the next decode step from there, and its value reaches the host (to emit, to stop) one step later.
@@ -111,11 +114,13 @@ class _Turn:
     first_token_at: float | None = None
     t_prefill: float = 0.0
     cached: int = 0  # history tokens reused from the cache
+    kinds: dict | None = None  # {"text", "audio", "image"} tokens of the new prompt
+    cached_kinds: dict | None = None  # the same for the history reused from the cache
     text_done: bool = False
     status: str = "completed"
     speech: bool = False
     voice: Voice | None = None
-    talker_sampling: SamplingParams = TALKER_SAMPLING
+    talker_sampling: SamplingParams | None = None
     talker_generator: torch.Generator | None = None
     noise_generator: torch.Generator | None = None
     talker_prompt: PromptStates | None = None
@@ -126,6 +131,7 @@ class _Turn:
     audio_index: int = 0
     audio_samples: int = 0
     t2w_waited: int = 0  # Talker steps a ready DiT window has waited for company
+    speech_cut: bool = False  # the speech was stopped by a limit (max_codes or max_output_tokens)
     t_first_audio: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) after the last event
 
@@ -186,6 +192,13 @@ class _Unread:
         return self.host.tolist()
 
 
+def _room(t: _Turn) -> int:
+    """Output tokens (text and codes) the turn may still make under its max_output_tokens."""
+    if t.max_output_tokens is None:
+        return 1 << 30
+    return t.max_output_tokens - t.sampled_count - (len(t.talker.codes) if t.talker is not None else 0)
+
+
 def continuation_text(closed_reply: bool) -> str:
     """What goes between the last reply's tokens and the next turn in the chat template.
 
@@ -212,12 +225,19 @@ class Conversation:
                       sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
                       seed: int | None = None, role: str = "user", voice: str | None = None,
                       talker_sampling: SamplingParams | None = None, min_new_tokens: int = 0,
-                      min_codes: int = 0) -> AsyncIterator[Event]:
+                      min_codes: int = 0, max_output_tokens: int | None = None) -> AsyncIterator[Event]:
         """Add one user turn and stream the reply as events, ending with Done or Error.
 
         modalities ("text",) or ("text", "audio"): with audio, AudioDelta chunks (PCM16, 24 kHz)
         arrive interleaved with the text while the Thinker is still writing. min_new_tokens /
         min_codes hold off the end of the text / speech (benchmarks force equal lengths with them).
+        max_output_tokens bounds text and codec tokens together (as the OpenAI protocols count output):
+        reaching it stops both, and the reply ends "incomplete".
+
+        Sampling: `sampling` (default: the checkpoint's, or greedy with EngineConfig.greedy) drives the
+        Thinker; the Talker follows it (greedy text -> greedy codes) unless `talker_sampling` says
+        otherwise. When nothing is sampled and no seed is given, the seed is fixed, so the Token2Wav
+        noise, and with it the whole reply, is the same on every run.
 
         Leaving the loop early cancels the response (what was emitted stays in the history).
         """
@@ -251,18 +271,23 @@ class Conversation:
                 yield Error("invalid_media" if isinstance(e, MediaError) else "invalid_request", str(e))
                 return
             limit = max_new_tokens or eng.config.max_new_tokens
+            if max_output_tokens is not None:
+                limit = min(limit, max_output_tokens)
             held = int(eng._cache.lengths[self._state.slot])
             if held + len(prompt) + limit > eng.config.max_context:
                 yield Error("context_length_exceeded",
                             f"conversation would reach {held + len(prompt) + limit} tokens ({held} held, "
                             f"{len(prompt)} new, {limit} to generate); the limit is {eng.config.max_context}")
                 return
+            sampling = sampling or eng.model.default_sampling(greedy=eng.config.greedy)
+            talker_sampling = talker_sampling or eng.model.talker_sampling(greedy=sampling.is_greedy)
+            if seed is None and sampling.is_greedy and talker_sampling.is_greedy:
+                seed = 0  # nothing is sampled: the noise too is the same every time
             g_text, g_talk, g_noise = generators(seed, eng.model.device)
-            turn = _Turn(self._state, prompt, sampling or eng.model.default_sampling(), g_text, limit,
-                         _Outbox(loop, eng.config.events_buffered), time.perf_counter(), speech=speech,
-                         voice=voice_obj, talker_sampling=talker_sampling or TALKER_SAMPLING,
-                         talker_generator=g_talk, noise_generator=g_noise, min_new_tokens=min_new_tokens,
-                         min_codes=min_codes)
+            turn = _Turn(self._state, prompt, sampling, g_text, limit, _Outbox(loop, eng.config.events_buffered),
+                         max_output_tokens if speech else None, time.perf_counter(), speech=speech,
+                         voice=voice_obj, talker_sampling=talker_sampling, talker_generator=g_talk,
+                         noise_generator=g_noise, min_new_tokens=min_new_tokens, min_codes=min_codes)
             try:
                 eng._inbox.put_nowait(("turn", turn))
             except queue.Full:
@@ -323,9 +348,11 @@ class Engine:
         th = model.thinker
         self._cache: KVCache = th.model.allocate_cache(config.max_sessions, config.max_context)
         self._talker_cache: KVCache | None = None
+        self.max_codes = (config.max_codes if config.max_audio_s is None
+                          else max(1, round(config.max_audio_s * model.codec_hz)))
         if model.talker is not None:  # the Talker's prefill spans the conversation, then its codes
             self._talker_cache = model.talker.model.allocate_cache(config.max_sessions,
-                                                                   config.max_context + 2 + config.max_codes)
+                                                                   config.max_context + 2 + self.max_codes)
         self._free = list(range(config.max_sessions))
         self._stop_ids = torch.tensor(sorted(model.stop_ids), device=model.device)
         self._slots_lock = threading.Lock()
@@ -389,14 +416,15 @@ class Engine:
                     self._active.remove(t)
                     self._finish(t)
                 texting = [t for t in self._active if t.sampled is not None and t.sampled_iter < it
-                           and t.sampled_count < t.max_new_tokens and not t.text_done and not t.emit.full()]
+                           and t.sampled_count < t.max_new_tokens and _room(t) > 0 and not t.text_done
+                           and not t.emit.full()]
                 if texting:
                     self._decode(texting, it, sampled)
                 if unread is not None:  # the device works on this step meanwhile
                     self._resolve(unread)
                 unread = _Unread.start(sampled) if sampled else None
-                for t in [t for t in self._active if t.sampled_value is not None and t.sampled_count >= t.max_new_tokens
-                          and not t.text_done]:
+                for t in [t for t in self._active if t.sampled_value is not None and not t.text_done
+                          and (t.sampled_count >= t.max_new_tokens or _room(t) <= 0)]:
                     self._limit(t)
                 speaking = [t for t in self._active if t.talker is not None and talker_lib.ready(t.talker)
                             and not t.emit.full()]
@@ -460,6 +488,10 @@ class Engine:
         embeds = m.embed_prompt(p)
         slot = torch.tensor([conv.slot])
         turn.cached = int(self._cache.lengths[conv.slot])
+        turn.kinds = m.processor.token_kinds(p.input_ids)
+        held = conv.media_held
+        turn.cached_kinds = {"text": turn.cached - held["audio"] - held["image"], **held}
+        conv.media_held = {k: held[k] + turn.kinds[k] for k in held}
         hidden = th(embeds, p.positions[:, None].to(m.device), self._cache, slot)
         logits = th.lm_head(hidden[:, -1])
         conv.pending, conv.turns = [], conv.turns + 1
@@ -575,15 +607,18 @@ class Engine:
     @torch.inference_mode()
     def _speak(self, turns: list[_Turn]) -> None:
         """One batched Talker step for every turn that can make its next code; Token2Wav on the codes."""
+        for t in [t for t in turns if _room(t) <= 0]:  # the output budget is spent: no more codes
+            self._cut_speech(t)
+        turns = [t for t in turns if not t.talker.finished]
         codes = talker_lib.step_batch(self.model.talker, [t.talker for t in turns],
                                       [t.talker_sampling for t in turns], [t.talker_generator for t in turns],
-                                      [t.min_codes for t in turns])
+                                      [t.min_codes for t in turns]) if turns else []
         t2w = self.model.token2wav
         for t, code in zip(turns, codes):
             if code is not None:
                 t2w.add(t.t2w, [code])
-            if len(t.talker.codes) >= self.config.max_codes:
-                t.talker.finished = True  # speech length limit
+            if not t.talker.finished and (len(t.talker.codes) >= self.max_codes or _room(t) <= 0):
+                self._cut_speech(t)
             if t.talker.finished:
                 t.t2w.finished = True
         go = self._token2wav_batch([t for t in self._active if t.t2w is not None])
@@ -596,6 +631,13 @@ class Engine:
                 t.audio_index += 1
             if t.talker.finished:
                 self._maybe_done(t)
+
+    def _cut_speech(self, t: _Turn) -> None:
+        """A limit stops the speech here (what is made so far is still spoken); the output budget stops the
+        text too, as if its length limit were the tokens sampled so far."""
+        t.talker.finished = t.t2w.finished = t.speech_cut = True
+        if _room(t) <= 0:
+            t.max_new_tokens = min(t.max_new_tokens, t.sampled_count)
 
     def _token2wav_batch(self, turns: list[_Turn]) -> list[_Turn]:
         """The turns whose Token2Wav runs now: those with a DiT window ready, in one batch.
@@ -626,7 +668,7 @@ class Engine:
         if turn.text_done and (turn.talker is None or turn.talker.finished):
             if turn in self._active:
                 self._active.remove(turn)
-            self._finish(turn, status=turn.status)
+            self._finish(turn, status="incomplete" if turn.speech_cut else turn.status)
 
     def _finish(self, turn: _Turn, status: str | None = None, error: Error | None = None) -> None:
         conv = turn.conv
@@ -643,7 +685,9 @@ class Engine:
         else:
             now = time.perf_counter()
             usage = {"prompt_tokens": len(turn.prompt), "cached_tokens": turn.cached,
-                     "completion_tokens": turn.generated}
+                     "completion_tokens": turn.generated,
+                     "prompt_token_kinds": turn.kinds or self.model.processor.token_kinds(turn.prompt.input_ids),
+                     "cached_token_kinds": turn.cached_kinds or {"text": 0, "audio": 0, "image": 0}}
             if turn.speech:
                 usage["codec_tokens"] = len(turn.talker.codes) if turn.talker else 0
                 usage["audio_seconds"] = round(turn.audio_samples / SAMPLE_RATE, 3)

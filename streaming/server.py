@@ -346,7 +346,12 @@ def add_parser(subparsers, add_model_args) -> None:
                    help="require this key (Authorization: Bearer); default $OMNI_API_KEY, else no key")
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (engine slots), default 8")
     p.add_argument("--max-context", type=int, default=8192, help="tokens per session, history included")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit in text tokens (default 512)")
+    p.add_argument("--max-audio-seconds", type=float, default=30.0,
+                   help="speech length limit per reply (default 30); a reply cut there ends 'incomplete'")
+    p.add_argument("--greedy", action="store_true",
+                   help="default to no sampling: the same text and speech for the same input every time "
+                        "(requests that set temperature/top_p still sample)")
     p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds without client messages before closing")
     p.add_argument("--modalities", choices=["text", "audio"], nargs="+",
                    help="default output modalities (default: audio when the model can speak, else text)")
@@ -370,7 +375,8 @@ def cmd_serve(args) -> int:
     model_dir = resolve_model(args.model)
     engine = Engine.load(model_dir, device=args.device, dtype=_dtype(args.dtype),
                          config=EngineConfig(max_sessions=args.max_sessions, max_context=args.max_context,
-                                             max_new_tokens=args.max_new_tokens))
+                                             max_new_tokens=args.max_new_tokens,
+                                             max_audio_s=args.max_audio_seconds, greedy=args.greedy))
     mods = tuple(args.modalities) if args.modalities else (("audio",) if engine.model.talker is not None
                                                             else ("text",))
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,

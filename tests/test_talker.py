@@ -110,7 +110,8 @@ class Setup:
     def eos(self):
         return list(self.talker.eos_ids)
 
-    def _reference(self, restore_mask: bool, seed: int = 5) -> dict:
+    def _reference(self, restore_mask: bool, seed: int = 5, prompt=None, n_text: int = N_TEXT,
+                   n_codes: int = N_CODES, min_codes: int = N_CODES, voice: str = VOICE) -> dict:
         """transformers' generate with audio out, greedy; captures talker logits and codes.
 
         transformers 5.x drops the all-ones attention mask inside generate, and without one the
@@ -138,23 +139,25 @@ class Setup:
         if restore_mask:
             talker.forward = forward
         talker.rope_deltas = None
-        kw = reference_kwargs(self.prompt)
-        kw["thinker_pixel_values"] = kw.pop("pixel_values")
-        kw["thinker_pixel_values_videos"] = kw.pop("pixel_values_videos")
+        prompt = prompt or self.prompt
+        kw = reference_kwargs(prompt)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in kw:
+                kw[f"thinker_{key}"] = kw.pop(key)
         stop = sorted(self.model.stop_ids)
         try:
             torch.manual_seed(seed)  # token2wav draws its initial noise from the global RNG
             with torch.no_grad():
                 seq, wav = ref.generate(
-                    **kw, generation_mode="audio", speaker=VOICE, thinker_max_new_tokens=N_TEXT,
+                    **kw, generation_mode="audio", speaker=voice, thinker_max_new_tokens=n_text,
                     thinker_do_sample=False, thinker_eos_token_id=stop, talker_do_sample=False,
-                    talker_max_new_tokens=N_CODES, talker_min_new_tokens=N_CODES, talker_eos_token_id=self.eos)
+                    talker_max_new_tokens=n_codes, talker_min_new_tokens=min_codes, talker_eos_token_id=self.eos)
         finally:
             hook.remove()
             del talker.generate
             if restore_mask:
                 del talker.forward
-        L = len(self.prompt)
+        L = len(prompt)
         return dict(text=seq[0, L:].tolist(), codes=codes["out"][0, L + 2:].tolist(), wave=wav,
                     prefill=logits[0], step_logits=torch.cat([logits[0][-1:]] + logits[1:]), seed=seed)
 

@@ -56,14 +56,15 @@ def mixed_inputs(model: OmniModel, seed: int = 0, audio_in_video: bool = True):
 
 
 def reference_kwargs(prompt: Prompt, audio_in_video: bool = True):
-    feats, mask = prompt.padded_audio()
-    return dict(
+    kw = dict(
         input_ids=prompt.input_ids[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
         pixel_values_videos=prompt.pixel_values_videos, video_grid_thw=prompt.video_grid_thw,
-        video_second_per_grid=torch.tensor(prompt.video_second_per_grid),
-        input_features=feats, feature_attention_mask=mask, use_audio_in_video=audio_in_video,
+        video_second_per_grid=torch.tensor(prompt.video_second_per_grid), use_audio_in_video=audio_in_video,
     )
+    if prompt.audio_features is not None:
+        kw["input_features"], kw["feature_attention_mask"] = prompt.padded_audio()
+    return {k: v for k, v in kw.items() if v is not None}  # (generate cannot take None for absent media)
 
 
 def our_logits(model: OmniModel, prompt: Prompt, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,7 +42,7 @@ class CaptionOptions:
     seed: int = 0  # sampling seed of every segment
     speak: Path | None = None  # write one WAV per item here (the Talker speaks the caption)
     voice: str | None = None
-    max_speech_seconds: float = 30.0  # per segment (the engine's max_codes / 50)
+    max_speech_seconds: float = 30.0  # per segment (the engine's max_audio_s)
     batch_size: int = 4  # segments in flight through the engine at once
     decode_workers: int = 2  # decoder threads
     format: str = "jsonl"  # jsonl | srt | vtt (subtitles beside the JSONL, besides the JSONL itself)
@@ -499,7 +499,7 @@ def cmd_caption(args) -> int:
         model = OmniModel.load(model_dir, device=args.device, dtype=_dtype(args.dtype), speech=bool(args.speak))
         return Engine(model, EngineConfig(max_sessions=options.batch_size, max_context=args.max_context,
                                           max_new_tokens=options.max_new_tokens,
-                                          max_codes=max(1, int(options.max_speech_seconds * 50))))
+                                          max_audio_s=options.max_speech_seconds))
 
     try:
         summary = run_caption(engine, items, out, options, model_identity(model_dir),
