@@ -25,12 +25,13 @@ import numpy as np
 
 from omni import media
 from omni.types import Audio, Image, Part, Text, Video
+from streaming import schema
 from streaming.audio_formats import FORMATS
 from streaming.protocol import OPENAI_VOICES
+from streaming.schema import INPUT_AUDIO_FORMATS
 
 log = logging.getLogger("omni.http")
 
-INPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "pcm16")
 AUDIO_TTL_S = 3600  # how long an audio id can be referred back to
 AUDIO_MEMORY = 4096  # audio ids remembered at most (the oldest go first)
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -86,7 +87,13 @@ class ChatRequests:
         self.transcripts: OrderedDict[str, tuple[float, str]] = OrderedDict()  # audio id -> (expiry, text)
 
     async def plan(self, body: dict) -> Plan:
-        """The request body -> Plan, or ApiError (400 with param, 413)."""
+        """The request body -> Plan, or ApiError (400 with param, 413).
+
+        The body is checked against the chat completion request's schema first (streaming/schema.py: the
+        openai package's types and our extensions), then for what this server supports."""
+        problem = schema.check(schema.chat_schema(), body)
+        if problem is not None:
+            raise bad(problem.message, problem.param, problem.code)
         model = body.get("model", self.config.model_name)
         if not isinstance(model, str):
             raise bad("model must be a string", "model", "invalid_type")

@@ -24,6 +24,7 @@ import logging
 import time
 
 from omni.types import AudioDelta, Done, Error, TextDelta
+from streaming import schema
 from streaming.audio_formats import AudioEncoder
 from streaming.chat_request import ApiError, ChatRequests, Plan
 from streaming.engine import EngineBusy
@@ -134,6 +135,7 @@ class ChatAPI:
         except Exception as e:  # a bug of ours: one log line with the traceback, the client gets a message
             log.exception("chat completion failed")
             self.server.metrics.error("internal")
+            self.server.metrics.server_error("http")
             if not reply.started:
                 await reply.error(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal"))
         finally:
@@ -156,9 +158,9 @@ class ChatAPI:
             raise ApiError(413, f"request body of {size or n} bytes is over the limit of {limit} bytes; send "
                                 "smaller media", code="request_too_large")
         try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
+            body = schema.loads(b"".join(chunks))
+        except schema.JsonError as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
         return body

@@ -33,6 +33,7 @@ class Metrics:
         self.sessions_refused = 0
         self.responses = Counter()  # by final status
         self.errors = Counter()  # error events sent, by code
+        self.server_errors = Counter({"realtime": 0, "http": 0})  # failures of ours (not the client's), by API
         self.ttfa = Histogram(TTFA_BUCKETS)
         self.ttft = Histogram(TTFA_BUCKETS)
         self.rtf = Histogram(RTF_BUCKETS)
@@ -54,6 +55,11 @@ class Metrics:
         with self.lock:
             self.errors[code or "unknown"] += 1
 
+    def server_error(self, api: str) -> None:
+        """A fault of ours answered as server_error (its traceback is in the log)."""
+        with self.lock:
+            self.server_errors[api] += 1
+
     def response_done(self, status: str, timings: dict, usage: dict) -> None:
         with self.lock:
             self.responses[status] += 1
@@ -73,6 +79,9 @@ class Metrics:
             lines += [f'omni_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.responses.items())]
             lines.append("# TYPE omni_errors_total counter")
             lines += [f'omni_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())]
+            lines += ["# HELP omni_server_errors_total failures of ours, not the client's (tracebacks in the log)",
+                      "# TYPE omni_server_errors_total counter"]
+            lines += [f'omni_server_errors_total{{api="{a}"}} {n}' for a, n in sorted(self.server_errors.items())]
             for name, h, what in (("omni_time_to_first_audio_seconds", self.ttfa, "response.create to first audio"),
                                   ("omni_time_to_first_token_seconds", self.ttft, "response.create to first token"),
                                   ("omni_speech_real_time_factor", self.rtf, "response seconds per second of speech")):

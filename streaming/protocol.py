@@ -1,5 +1,8 @@
 """The OpenAI Realtime wire protocol, pure: parse and check client events, build server events.
 
+A client event is parsed with bounded depth and checked against its schema (streaming/schema.py)
+before anything reads it; the checks here are the semantic ones (what this server supports).
+
 Server events are built with their GA names and shapes (the `openai` SDK's
 `openai.types.realtime.RealtimeServerEvent`); `Dialect(beta=True)` renames them and reshapes
 sessions, items and responses for clients that sent `OpenAI-Beta: realtime=v1`
@@ -14,15 +17,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-CLIENT_EVENTS = frozenset({
-    "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
-    "input_image_buffer.append", "conversation.item.create", "response.create", "response.cancel",
-})
+from streaming import schema
+
+CLIENT_EVENTS = schema.CLIENT_EVENTS
 INPUT_RATES = (24000, 16000)  # PCM16 mono input; 24 kHz is the protocol's default
 OUTPUT_RATE = 24000
 OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"})
@@ -54,28 +55,27 @@ class ProtocolError(Exception):
         self.message, self.code, self.param, self.event_id, self.type = message, code, param, event_id, type
 
 
-def parse(data: str | bytes) -> dict:
-    """One websocket message -> a client event dict with a known `type` (raises ProtocolError)."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("messages must be UTF-8 JSON text", "invalid_json") from None
+def parse(data: str | bytes, beta: bool = False) -> dict:
+    """One websocket message -> a client event dict of a known `type` that conforms to its schema
+    (streaming/schema.py: the openai package's types, GA or beta, and our extensions); raises ProtocolError."""
     try:
-        ev = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ProtocolError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}", "invalid_json") from None
+        ev = schema.loads(data, max_values=schema.MAX_EVENT_VALUES)
+    except schema.JsonError as e:
+        raise ProtocolError(f"invalid JSON: {e}", "invalid_json") from None
     if not isinstance(ev, dict):
         raise ProtocolError("an event must be a JSON object", "invalid_json")
     event_id = ev.get("event_id")
     if event_id is not None and not isinstance(event_id, str):
-        raise ProtocolError("event_id must be a string", param="event_id")
+        raise ProtocolError("event_id must be a string", "invalid_type", "event_id")
     kind = ev.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("missing the event's `type`", "missing_required_parameter", "type", event_id)
     if kind not in CLIENT_EVENTS:
-        raise ProtocolError(f"unknown event type {kind!r}; expected one of {', '.join(sorted(CLIENT_EVENTS))}",
-                            "invalid_event_type", "type", event_id)
+        raise ProtocolError(f"unknown event type {schema.show(kind)}; expected one of "
+                            f"{', '.join(sorted(CLIENT_EVENTS))}", "invalid_event_type", "type", event_id)
+    problem = schema.check(schema.event_schema(kind, beta), ev)
+    if problem is not None:
+        raise ProtocolError(problem.message, problem.code, problem.param, event_id)
     return ev
 
 

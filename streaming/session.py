@@ -211,7 +211,7 @@ class Session:
         """Act on one client message; any problem with it becomes an `error` event."""
         event_id = None
         try:
-            ev = parse(message)
+            ev = parse(message, self.dialect.beta)
             event_id = ev.get("event_id")
             await getattr(self, "_on_" + ev["type"].replace(".", "_"))(ev)
         except ProtocolError as e:
@@ -219,8 +219,9 @@ class Session:
             self.send(self.dialect.error(e.message, e.code, e.param, e.event_id or event_id, e.type))
         except media.MediaError as e:
             self.send(self.dialect.error(str(e), "invalid_media", None, event_id))
-        except Exception as e:  # a bug of ours must not end the session either
+        except Exception as e:  # a bug of ours must not end the session either; the operator sees it counted
             self.log.exception("session %s: failed on a client event", self.id)
+            self.metrics.server_error("realtime")
             self.send(self.dialect.error(f"internal error: {e}", "internal", None, event_id, "server_error"))
 
     async def close(self) -> None:

@@ -337,7 +337,7 @@ def test_bad_requests_get_openai_errors(server, parts):
          "invalid_value", "audio.voice"),
         ({"messages": ok, "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "aiff"}}, KEY, 400,
          "invalid_value", "audio.format"),
-        ({"messages": ok, "modalities": ["video"]}, KEY, 400, "invalid_value", "modalities"),
+        ({"messages": ok, "modalities": ["video"]}, KEY, 400, "invalid_value", "modalities[0]"),
         ({"messages": ok, "n": 2}, KEY, 400, "unsupported_value", "n"),
         ({"messages": ok, "temperature": 5}, KEY, 400, "invalid_value", "temperature"),
         ({"messages": ok, "max_tokens": 0}, KEY, 400, "invalid_value", "max_tokens"),
