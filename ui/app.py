@@ -61,6 +61,8 @@ class OmniUI:
         self.voices = list(getattr(server, "voices", ()) or getattr(model, "voices", {}) or [])
         self.default_voice = "Chelsie" if "Chelsie" in self.voices else (self.voices[0] if self.voices else None)
         self.tabs: dict[str, Tab] = {}
+        self.idle_s = float(getattr(server.config, "idle_timeout_s", 600.0))  # as for a websocket session
+        self._sweeper: asyncio.Task | None = None
 
     def new_session(self, send):
         """A Session on a new engine Conversation, as the websocket server builds one (raises EngineBusy)."""
@@ -115,11 +117,25 @@ class OmniUI:
 
     async def tab(self, request) -> Tab:
         key = request.session_hash  # one per browser tab (gradio injects the request by the annotation)
+        if self._sweeper is None or self._sweeper.done():  # on the server's loop, where the sessions live
+            self._sweeper = asyncio.create_task(self._sweep(), name="omni-ui idle sweep")
         t = self.tabs.get(key)
         if t is None:
             t = self.tabs[key] = Tab(self)
             await t.ready()
         return t
+
+    async def _sweep(self) -> None:
+        """Close the sessions of tabs left idle for the server's idle timeout, so an open but forgotten
+        page does not hold an engine slot; such a tab opens a new session when it is used again."""
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, self.idle_s / 4)))
+            for t in [t for t in list(self.tabs.values()) if t.idle(self.idle_s)]:
+                log.info("ui: session %s idle for %.0f s; closing it", t.session.id, self.idle_s)
+                try:
+                    await t.release()
+                except Exception:  # one tab's failure must not stop the sweep
+                    log.exception("ui: closing an idle session failed")
 
     def build(self):
         with gr.Blocks(title="omni: Qwen2.5-Omni", analytics_enabled=False) as demo:

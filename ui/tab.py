@@ -23,6 +23,8 @@ log = logging.getLogger("omni.ui")
 OUTPUT_RATE = 24000  # PCM16 mono from response.output_audio.delta
 INPUT_RATE = 16000  # what the page sends the session (our protocol extension: no resampling there)
 RETRY_S = 3.0  # a tab without a session (the server was full) tries to open one at most this often
+IDLE_NOTE = ("this tab was idle, so its session was closed to free the server; a new conversation starts here "
+             "and the model does not remember the turns above")
 FLUSH_S = 5.0  # how long closing a tab waits for frames it handed to gradio to be queued for the page
 
 
@@ -131,6 +133,8 @@ class Tab:
         self._changed = asyncio.Event()
         self._retry_at = 0.0
         self._opening = asyncio.Lock()
+        self.last_used = time.monotonic()  # the page's last event (the idle sweep gives the slot back after a while)
+        self.released = False  # the session was closed for being idle; the next action opens a new one
 
     async def open(self) -> bool:
         """A fresh Session (and Conversation); False with a notice when the server is full."""
@@ -168,19 +172,47 @@ class Tab:
 
     async def ready(self) -> bool:
         """Whether there is a session; without one, try to open one (at most every RETRY_S)."""
+        self.last_used = time.monotonic()
         async with self._opening:  # a new tab's first events (load, microphone, camera) race to open it
             if self.session is not None:
                 return True
             if self.closed or time.monotonic() < self._retry_at:
                 return False
             self._retry_at = time.monotonic() + RETRY_S
-            return await self.open()
+            if not await self.open():
+                return False
+            if self.released:  # said in the chat, where the model's memory starts again
+                self.released = False
+                self.notice = IDLE_NOTE
+                if self.chat:
+                    self.chat.append({"role": "assistant", "content": f"*({IDLE_NOTE})*"})
+            return True
+
+    def idle(self, timeout_s: float) -> bool:
+        """Whether the tab holds a session it has not used for `timeout_s` (and is not answering in)."""
+        s = self.session
+        return (s is not None and not s.responding and not self.playing_now()
+                and time.monotonic() - self.last_used > timeout_s)
+
+    def playing_now(self) -> bool:
+        return any(not r.done or r.sent < len(r.pcm) for r in self.order if r.id in self.playing)
+
+    async def release(self) -> None:
+        """Give the engine slot back (idle); unlike close() the tab lives on and reopens when used."""
+        async with self._opening:
+            s, self.session = self.session, None
+            if s is None:
+                return
+            self.released = True
+            self._retry_at = 0.0
+            await self.ui.close_session(s)
 
     async def send(self, kind: str, **fields) -> bool:
         """Hand one client event to the session; False when it answered with an error event."""
         if self.session is None:  # closed while the handler was on its way here
             return False
         before = self.errors
+        self.last_used = time.monotonic()
         await self.session.handle(json.dumps({"type": kind, **fields}))
         return self.errors == before
 
@@ -229,6 +261,7 @@ class Tab:
                 r.pcm.append(pcm)
                 r.audio_bytes += len(pcm)
         elif kind == "response.done":
+            self.last_used = time.monotonic()  # idle counts from the end of the last reply too
             resp = ev["response"]
             r = self.replies.get(resp["id"])
             if r is not None:
