@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections.abc
 import functools
 import json
+import logging
 import re
 import typing
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from openai.types.realtime import (InputAudioBufferAppendEventParam, InputAudioB
                                    ResponseCancelEventParam, ResponseCreateEventParam, SessionUpdateEventParam)
 from openai.types.realtime.conversation_item_create_event_param import ConversationItemCreateEventParam
 from openai.types.realtime.realtime_audio_formats_param import AudioPCM, AudioPCMA, AudioPCMU
+
+log = logging.getLogger("omni.schema")
 
 MAX_DEPTH = 32  # nesting of objects and arrays; the deepest real event or request needs fewer than 10
 MAX_VALUES = 100_000  # commas and colons outside strings: about the number of values in a document
@@ -126,33 +129,43 @@ def check(adapter: pydantic.TypeAdapter, value: Any) -> Problem | None:
     try:
         adapter.validate_python(value, strict=True)
     except pydantic.ValidationError as e:
-        return _problem(e.errors(include_url=False)[:1000], value)  # the first 1000 say enough
+        errors = e.errors(include_url=False)[:1000]  # the first 1000 say enough
+        try:
+            return _problem(errors, value)
+        except Exception:  # a bug in the naming must not make the client's error ours: say it plainly
+            log.exception("could not name the problem in %s", errors[0]["loc"])
+            return Problem(f"{'.'.join(map(str, errors[0]['loc']))}: {errors[0]['msg']}", "invalid_value", None)
     return None
 
 
-def _problem(errors: list[dict], value: Any) -> Problem:
-    errs = []
-    for e in errors:  # loc mixes keys and union members' tags: keep the keys (the ones found in the input)
-        loc, node, path, branches = e["loc"], value, [], []
-        missing = e["type"] == "missing"
-        for x in (loc[:-1] if missing else loc):
-            if isinstance(node, dict) and isinstance(x, str) and x in node:
-                path.append(x)
-                node = node[x]
-            elif isinstance(node, list) and isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(node):
-                path.append(x)
-                node = node[x]
-            else:
-                branches.append((tuple(path), x))
-        if missing:
-            path.append(loc[-1])
-        errs.append((tuple(path), tuple(branches), e))
+def _locate(e: dict, value: Any) -> tuple[tuple, tuple, dict]:
+    """A pydantic error -> (path in the input, the union members it is under as (place, name), error).
+    pydantic's loc mixes the input's keys with union members' names: the keys are the ones in the input."""
+    loc, node, path, branches = e["loc"], value, [], []
+    missing = e["type"] == "missing"
+    for x in (loc[:-1] if missing else loc):
+        if isinstance(node, dict) and isinstance(x, str) and x in node:
+            path.append(x)
+            node = node[x]
+        elif isinstance(node, list) and isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(node):
+            path.append(x)
+            node = node[x]
+        else:
+            branches.append((tuple(path), x))
+    if missing:
+        path.append(loc[-1])
+    return tuple(path), tuple(branches), e
 
-    def rejects(err, branch) -> bool:  # the member's own type/role differs: the input was not meant for it
-        path, _, e = err
-        return (len(path) == len(branch[0]) + 1 and path[:-1] == branch[0] and path[-1] in TAG_KEYS
-                and e["type"] in ("literal_error", "missing"))
 
+def _rejects(err, branch) -> bool:
+    """Whether the error is the member's own type/role differing: the input was not meant for that member."""
+    path, _, e = err
+    return (len(path) == len(branch[0]) + 1 and path[:-1] == branch[0] and path[-1] in TAG_KEYS
+            and e["type"] in ("literal_error", "missing"))
+
+
+def _resolve_unions(errs: list, value: Any) -> list:
+    """Each union's errors -> those of the members the input was meant for, or one error on the tag."""
     while True:  # resolve the innermost unions first; a union is its place and the members it sits in
         points = {(bs[:-1], bs[-1][0]) for _, bs, _ in errs if bs}
         if not points:
@@ -164,10 +177,10 @@ def _problem(errors: list[dict], value: Any) -> Problem:
                 members.setdefault(err[1][-1], []).append(err)
             else:
                 others.append(err)
-        rejected = {b for b, es in members.items() if any(rejects(x, b) for x in es)}
+        rejected = {b for b, es in members.items() if any(_rejects(x, b) for x in es)}
         kept = [x for b, es in members.items() if b not in rejected for x in es]
         if not kept:  # no member fits: the problem is the tag itself, as one error naming them all
-            tags = [x for b, es in members.items() for x in es if rejects(x, b)]
+            tags = [x for b, es in members.items() for x in es if _rejects(x, b)]
             keys = list(dict.fromkeys(x[0][-1] for x in tags))  # the one whose value no member takes is the problem
             node = _at(value, at)
             names = [b[1] for b in members]
@@ -182,7 +195,11 @@ def _problem(errors: list[dict], value: Any) -> Problem:
                      "input": next(x[2].get("input") for x in tag_errs if x[2]["type"] != "missing")}
             kept = [(tag_errs[0][0], tag_errs[0][1], e)]
         errs = others + [(p, bs[:-1], e) for p, bs, e in kept]
+    return errs
 
+
+def _problem(errors: list[dict], value: Any) -> Problem:
+    errs = _resolve_unions([_locate(e, value) for e in errors], value)
     deepest = max(len(p) for p, _, _ in errs)
     path = next(p for p, _, _ in errs if len(p) == deepest)
     here = [e for p, _, e in errs if p == path]
