@@ -68,6 +68,7 @@ class Plan:
     audio_format: str = "wav"
     sampling: object = None  # SamplingParams or None (the checkpoint's)
     max_new_tokens: int | None = None
+    max_output_tokens: int | None = None  # the client's limit on text and audio tokens together
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -139,13 +140,13 @@ class ChatRequests:
                 raise bad(f"audio.format must be one of {', '.join(FORMATS)}; got {fmt!r}", "audio.format")
 
         limit = self.engine.config.max_new_tokens
-        max_new = None
+        max_new = max_out = None
         for key in ("max_completion_tokens", "max_tokens"):
             v = body.get(key)
             if v is not None:
                 if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                     raise bad(f"{key} must be a positive integer; got {v!r}", key)
-                max_new = min(v, limit)
+                max_new, max_out = min(v, limit), v
                 break
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -166,7 +167,7 @@ class ChatRequests:
 
         media_parts: list[tuple[str, str]] = []
         system, role, parts = await self._messages(body.get("messages"), use_aiv, media_parts)
-        return Plan(model, system, role, parts, modalities, voice, fmt, sampling, max_new, seed, stop or [],
+        return Plan(model, system, role, parts, modalities, voice, fmt, sampling, max_new, max_out, seed, stop or [],
                     stream, include_usage, media_parts)
 
     def _sampling(self, body: dict):

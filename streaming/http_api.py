@@ -28,7 +28,7 @@ from streaming import schema
 from streaming.audio_formats import AudioEncoder
 from streaming.chat_request import ApiError, ChatRequests, Plan
 from streaming.engine import EngineBusy
-from streaming.protocol import new_id
+from streaming.protocol import new_id, token_kinds
 
 log = logging.getLogger("omni.http")
 
@@ -213,7 +213,8 @@ class _Run:
         buf = ""
         kw = {"voice": p.voice} if p.speech else {}
         async for ev in self.conv.respond(p.parts, modalities=p.modalities, sampling=p.sampling,
-                                          max_new_tokens=p.max_new_tokens, seed=p.seed, role=p.role, **kw):
+                                          max_new_tokens=p.max_new_tokens, max_output_tokens=p.max_output_tokens,
+                                          seed=p.seed, role=p.role, **kw):
             if isinstance(ev, TextDelta):
                 if self.stopped or not ev.text:
                     continue
@@ -257,9 +258,12 @@ class _Run:
         finish = "length" if f.status == "incomplete" and not self.stopped else "stop"
         u = f.usage
         codec = u.get("codec_tokens", 0)
-        usage = {"prompt_tokens": u.get("prompt_tokens", 0), "completion_tokens": u.get("completion_tokens", 0) + codec,
-                 "total_tokens": u.get("prompt_tokens", 0) + u.get("completion_tokens", 0) + codec,
-                 "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0), "audio_tokens": 0},
+        kinds = token_kinds(u)["input"]
+        prompt = u.get("prompt_tokens", 0) + u.get("cached_tokens", 0)
+        usage = {"prompt_tokens": prompt, "completion_tokens": u.get("completion_tokens", 0) + codec,
+                 "total_tokens": prompt + u.get("completion_tokens", 0) + codec,
+                 "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0), "audio_tokens": kinds["audio"],
+                                           "image_tokens": kinds["image"], "text_tokens": kinds["text"]},
                  "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": codec,
                                                "text_tokens": u.get("completion_tokens", 0)}}
         if self.plan.speech:

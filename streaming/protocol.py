@@ -354,10 +354,24 @@ class Dialect:
 
 
 def usage(engine_usage: dict) -> dict:
-    """The engine's Done.usage -> the protocol's usage object (input tokens include the cached history)."""
+    """The engine's Done.usage -> the protocol's usage object.
+
+    Input tokens include the cached history (cached tokens are a subset of them, as the protocol
+    defines), each counted by kind: video frames are image tokens, a video's sound audio tokens.
+    """
     new, cached = engine_usage.get("prompt_tokens", 0), engine_usage.get("cached_tokens", 0)
     text_out, audio_out = engine_usage.get("completion_tokens", 0), engine_usage.get("codec_tokens", 0)
+    kinds = token_kinds(engine_usage)
     return {"input_tokens": new + cached, "output_tokens": text_out + audio_out,
             "total_tokens": new + cached + text_out + audio_out,
-            "input_token_details": {"cached_tokens": cached},
+            "input_token_details": {**{f"{k}_tokens": n for k, n in kinds["input"].items()}, "cached_tokens": cached,
+                                    "cached_tokens_details": {f"{k}_tokens": n for k, n in kinds["cached"].items()}},
             "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out}}
+
+
+def token_kinds(engine_usage: dict) -> dict:
+    """{"input": all prompt tokens (new and cached), "cached": the cached ones}, each {text, audio, image}."""
+    zero = {"text": 0, "audio": 0, "image": 0}
+    new = engine_usage.get("prompt_token_kinds") or zero
+    cached = engine_usage.get("cached_token_kinds") or zero
+    return {"input": {k: new[k] + cached[k] for k in zero}, "cached": dict(cached)}

@@ -460,7 +460,7 @@ class Session:
         kw = {"voice": r.opts.voice if r.opts.voice in self.voices else None} if audio else {}
         try:
             async for ev in self.conv.respond(parts, modalities=modalities, max_new_tokens=r.opts.max_output_tokens,
-                                              **kw):
+                                              max_output_tokens=r.opts.max_output_tokens, **kw):
                 if isinstance(ev, TextDelta):
                     text.append(ev.text)
                     if ev.text:

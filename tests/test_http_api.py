@@ -34,7 +34,8 @@ from tests.realtime import Raw, ServerThread
 
 KEY = "http-key"
 SLOTS = 4
-CODES = 40  # speech per reply: 40 codec tokens = 0.8 s
+CODES = 40  # speech per reply: at most 40 codec tokens = 0.8 s
+LIMIT = 46  # max_completion_tokens of the speech tests: text and codec tokens together
 
 
 @pytest.fixture(scope="module")
@@ -200,16 +201,23 @@ def test_speech_formats_with_image_audio_and_video_parts(server, parts):
     results = {}
     for fmt in ("wav", "mp3", "flac", "opus", "pcm16"):
         r = create(c, messages=user(*content), modalities=["text", "audio"], audio={"voice": "Ethan", "format": fmt},
-                   max_completion_tokens=6, temperature=0, seed=1, extra_body={"use_audio_in_video": True})
+                   max_completion_tokens=LIMIT, temperature=0, seed=1, extra_body={"use_audio_in_video": True})
         m = r.choices[0].message
         assert m.content is None and m.audio.transcript and m.audio.id.startswith("audio_")
         assert m.audio.expires_at > time.time()
-        assert r.usage.completion_tokens_details.audio_tokens == CODES
-        assert r.usage.model_extra["audio_seconds"] == pytest.approx(CODES * 0.02)
-        results[fmt] = (base64.b64decode(m.audio.data), m.audio.transcript, r.usage.prompt_tokens)
-    assert len({t for _, t, _ in results.values()}) == 1  # same seed and settings: same reply
-    pcm = results["pcm16"][0]
-    assert len(pcm) == CODES * 480 * 2  # 24 kHz PCM16
+        u = r.usage
+        codes = u.completion_tokens_details.audio_tokens
+        # max_completion_tokens bounds text and speech together (as OpenAI counts output tokens)
+        assert 10 <= codes <= CODES and u.completion_tokens == codes + u.completion_tokens_details.text_tokens <= LIMIT
+        assert r.choices[0].finish_reason == "length"
+        assert u.model_extra["audio_seconds"] == pytest.approx(codes * 0.02)
+        d = u.prompt_tokens_details  # by kind: the image and the video's frames are image tokens, both sounds audio
+        assert d.image_tokens > 0 and d.audio_tokens > 50 and d.text_tokens > 0 and d.cached_tokens == 0
+        assert d.image_tokens + d.audio_tokens + d.text_tokens == u.prompt_tokens
+        results[fmt] = (base64.b64decode(m.audio.data), m.audio.transcript, u.prompt_tokens, codes)
+    assert len({(t, n) for _, t, _, n in results.values()}) == 1  # same seed and settings: same reply
+    pcm, codes = results["pcm16"][0], results["pcm16"][3]
+    assert len(pcm) == codes * 480 * 2  # 24 kHz PCM16
     assert results["wav"][0][44:] == pcm and results["wav"][0][:4] == b"RIFF"
     ref = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
     for fmt, container in (("wav", "wav"), ("mp3", "mp3"), ("flac", "flac"), ("opus", "ogg")):
@@ -238,7 +246,7 @@ def test_streamed_speech_equals_whole_and_refers_back(server):
     request refers back to the spoken turn by audio.id, which equals sending its transcript."""
     c = client(server)
     ask = dict(messages=user({"type": "text", "text": "Say hi."}), modalities=["text", "audio"], temperature=0,
-               seed=5, max_completion_tokens=8)
+               seed=5, max_completion_tokens=LIMIT)
     whole = create(c, audio={"voice": "Chelsie", "format": "pcm16"}, **ask)
     t0 = time.perf_counter()
     cs = []
@@ -252,7 +260,7 @@ def test_streamed_speech_equals_whole_and_refers_back(server):
     pcm, transcript, ids = stream_audio(cs)
     assert transcript == whole.choices[0].message.audio.transcript
     assert pcm == base64.b64decode(whole.choices[0].message.audio.data)  # same seed: the same speech
-    assert len(ids) == 1 and cs[-1].usage.completion_tokens_details.audio_tokens == CODES
+    assert len(ids) == 1 and cs[-1].usage == whole.usage and len(pcm) == whole.usage.model_extra["audio_seconds"] * 48000
     assert first_audio is not None
     print(f"time to first audio over HTTP streaming: {first_audio:.3f} s")
 
@@ -261,7 +269,7 @@ def test_streamed_speech_equals_whole_and_refers_back(server):
                                           **ask))
     data, _, _ = stream_audio(cs)
     name, rate, x = decode(data)
-    assert name == "mp3" and rate == 24000 and abs(len(x) / rate - CODES * 0.02) < 0.1
+    assert name == "mp3" and rate == 24000 and abs(len(x) / rate - whole.usage.model_extra["audio_seconds"]) < 0.1
 
     # multi-turn: the spoken assistant turn by audio.id == the same turn as text
     aid = whole.choices[0].message.audio.id
