@@ -633,11 +633,9 @@ class Engine:
                 self._maybe_done(t)
 
     def _cut_speech(self, t: _Turn) -> None:
-        """A limit stops the speech here (what is made so far is still spoken); the output budget stops the
-        text too, as if its length limit were the tokens sampled so far."""
+        """A limit stops the speech here; what is made so far is still spoken. (A spent output budget
+        stops the text as well: `_room` holds back its decode steps and ends it.)"""
         t.talker.finished = t.t2w.finished = t.speech_cut = True
-        if _room(t) <= 0:
-            t.max_new_tokens = min(t.max_new_tokens, t.sampled_count)
 
     def _token2wav_batch(self, turns: list[_Turn]) -> list[_Turn]:
         """The turns whose Token2Wav runs now: those with a DiT window ready, in one batch.

@@ -128,7 +128,7 @@ class OmniUI:
     async def _sweep(self) -> None:
         """Close the sessions of tabs left idle for the server's idle timeout, so an open but forgotten
         page does not hold an engine slot; such a tab opens a new session when it is used again."""
-        while True:
+        while not getattr(self.server, "closing", False):
             await asyncio.sleep(min(5.0, max(0.05, self.idle_s / 4)))
             for t in [t for t in list(self.tabs.values()) if t.idle(self.idle_s)]:
                 log.info("ui: session %s idle for %.0f s; closing it", t.session.id, self.idle_s)
