@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
 import threading
 from pathlib import Path
 
@@ -106,9 +105,24 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def speech(path: Path, text: str, rate: int = 24000) -> np.ndarray:
-    """Real speech from espeak-ng as float32 mono at `rate`."""
+SPEECH = Path(__file__).parent / "data" / "speech"  # made by scripts/make-test-speech
+
+
+def speech_clip(text: str) -> Path:
+    """The committed clip of `text` spoken by espeak-ng (its FLAC title is the text)."""
+    import av
+
+    clips = {}
+    for f in sorted(SPEECH.glob("*.flac")):
+        with av.open(str(f)) as c:
+            clips[c.metadata.get("title")] = f
+    if text not in clips:
+        raise LookupError(f"no speech clip says {text!r} (have: {sorted(clips)}); add it to scripts/make-test-speech")
+    return clips[text]
+
+
+def speech(text: str, rate: int = 24000) -> np.ndarray:
+    """Real speech (espeak-ng, committed) as float32 mono at `rate`."""
     from omni.media import load_audio
 
-    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
-    return load_audio(str(path), sr=rate)
+    return load_audio(str(speech_clip(text)), sr=rate)

@@ -58,8 +58,8 @@ def run(coro, timeout=120):
 
 @pytest.fixture(scope="module")
 def voice(tmp_path_factory):
-    """'Hello, what do you see?' spoken by espeak-ng, float32 at 24 kHz."""
-    return speech(tmp_path_factory.mktemp("speech") / "hello.wav", "Hello, what can you see in this picture?")
+    """'Hello, what can you see in this picture?' spoken by espeak-ng, float32 at 24 kHz."""
+    return speech("Hello, what can you see in this picture?")
 
 
 def sdk(port: int):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def speech_wav(path: Path, text: str, silence_s: float = 3.0) -> Path:
-    """espeak-ng speech followed by silence (so the server's VAD sees the turn end), 48 kHz mono 16-bit WAV.
+    """Speech (espeak-ng, committed) followed by silence (so the server's VAD sees the turn end), 48 kHz mono
+    16-bit WAV.
 
     Chromium's fake microphone loops the file; the silence after the words ends each turn.
     """
     import av
 
-    raw = path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
-    with av.open(str(raw)) as c:
+    from tests.realtime import speech_clip
+
+    with av.open(str(speech_clip(text))) as c:
         r = av.AudioResampler(format="s16", layout="mono", rate=48000)
         chunks = [f.to_ndarray()[0] for fr in c.decode(audio=0) for f in r.resample(fr)]
         chunks += [f.to_ndarray()[0] for f in r.resample(None)]

@@ -26,6 +26,7 @@ import hmac
 import logging
 import mimetypes
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -419,9 +420,37 @@ def build_ui(server):
     return OmniUI(server).build()
 
 
+def ffmpeg_on_path() -> str:
+    """The `ffmpeg` executable Gradio's streamed audio will run (it encodes the player's AAC with one).
+
+    A machine without one gets the static build the imageio-ffmpeg wheel ships (a dependency), linked as
+    `ffmpeg` into a folder of omni's cache that goes first on this process's PATH: nothing to install by hand.
+    """
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    from omni.embedded import cache_dir
+
+    exe = Path(imageio_ffmpeg.get_ffmpeg_exe())
+    bin_dir = cache_dir().parent / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    link = bin_dir / "ffmpeg"
+    if not link.exists() or link.resolve() != exe.resolve():
+        tmp = bin_dir / f".ffmpeg.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(exe)
+        tmp.replace(link)  # atomic: two servers starting at once both end with a working link
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    log.info("ui: using the ffmpeg of imageio-ffmpeg (%s) for the page's streamed audio", exe)
+    return str(link)
+
+
 def mount_ui(app, server, path: str = "/") -> None:
     """Serve the page at `path` of the FastAPI `app`. Mount it after the app's own routes: a mount at "/"
     matches every path, so routes added after it are never reached."""
+    ffmpeg_on_path()
     key = getattr(server.config, "api_key", None)
 
     def auth(user: str, password: str) -> bool:  # the page drives the engine like the API, so it takes the same key
