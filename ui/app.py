@@ -36,7 +36,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr  # noqa: E402
 
-from ui.tab import INPUT_RATE, Tab, jpeg, pcm16, wav  # noqa: E402
+from ui.tab import INPUT_RATE, OUTPUT_RATE, Tab, jpeg, pcm16, wav  # noqa: E402
 
 log = logging.getLogger("omni.ui")
 
@@ -44,6 +44,8 @@ FRAME_EVERY_S = 0.5  # camera frames at 2 per second: the model's video rate
 MIC_EVERY_S = 0.25  # microphone chunk period
 VIDEO_FRAMES = 8  # an attached video becomes at most this many frames (2 per second) plus its sound
 PLAY_WAIT_S = 5.0  # how long the player waits for a reply to appear after a turn ended
+FIRST_AUDIO_BYTES = int(0.2 * OUTPUT_RATE) * 2  # a reply's first chunk to the player: enough for AAC frames
+FIRST_SEGMENT_WAIT_S = 2.0  # how long the player's stream waits for its encoder's first frames
 
 CSS = """
 #omni-note {border-left: 4px solid #d97706; padding: 0.4em 0.8em; background: #fffbeb; color: #78350f}
@@ -51,6 +53,29 @@ CSS = """
 #omni-stats table {font-size: 0.85em}
 """
 STOP_JS = "(...a) => { document.querySelectorAll('#omni-reply audio').forEach(e => e.pause()); return a; }"
+
+
+class ReplyPlayer(gr.Audio):
+    """The streamed reply player: gr.Audio whose stream is never announced to the page empty.
+
+    Gradio encodes a streamed chunk to AAC in an ffmpeg process and gives the page the stream's playlist
+    with the first chunk; it waits only 0.1 s for the encoder's first frames. On a busy machine ffmpeg is not
+    up by then, the page loads a playlist with no segments, and its HLS player reports a fatal error (then
+    recovers). So the first chunk waits for its frames here. (Pinned gradio: `_encode_chunk` is its own.)
+    """
+
+    is_template = True  # the page renders it as the "audio" component
+
+    def _encode_chunk(self, output_id: str, data: bytes):
+        from gradio.audio_stream_encoder import segment_from_frames
+        from gradio.components.audio import _stream_encoders
+
+        slot = _stream_encoders.get(output_id)
+        first = slot is not None and slot.encoder is None
+        chunk = super()._encode_chunk(output_id, data)
+        if chunk is None and first and slot.encoder is not None:
+            chunk = segment_from_frames(slot.encoder, slot.encoder.take(timeout=FIRST_SEGMENT_WAIT_S))
+        return chunk
 
 
 class OmniUI:
@@ -158,7 +183,7 @@ class OmniUI:
                         clear = gr.Button("Clear conversation", elem_id="omni-clear")
                     stats = gr.Markdown("", elem_id="omni-stats")
                 with gr.Column(scale=2):
-                    player = gr.Audio(label="Reply (speech)", streaming=True, autoplay=True, interactive=False,
+                    player = ReplyPlayer(label="Reply (speech)", streaming=True, autoplay=True, interactive=False,
                                       elem_id="omni-reply", visible=self.speech)
                     mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy",
                                    label="Microphone (the turn ends when you pause)", elem_id="omni-mic")
@@ -318,6 +343,8 @@ class OmniUI:
                     yield self._frame(t)
                     return
             new = r.pcm[r.sent:] if r is not None else []
+            if r is not None and r.sent == 0 and not r.done and sum(map(len, new)) < FIRST_AUDIO_BYTES:
+                new = []  # a first chunk too short for the encoder to emit a frame from would open an empty stream
             if r is not None:
                 r.sent += len(new)
             yield self._frame(t, wav(b"".join(new)) if new else None)
