@@ -12,7 +12,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ui.app import FIRST_AUDIO_BYTES, ReplyPlayer, ffmpeg_on_path
+from ui.app import FIRST_AUDIO_BYTES, ffmpeg_on_path, reply_player
 from ui.tab import OUTPUT_RATE, wav
 
 
@@ -32,7 +32,7 @@ def first_segment(player, monkeypatch, stream_id: str):
 
 
 def test_the_first_chunk_of_a_reply_stream_has_audio(monkeypatch):
-    chunk = first_segment(ReplyPlayer(streaming=True), monkeypatch, "s/1/1/playlist.m3u8")
+    chunk = first_segment(reply_player(), monkeypatch, "s/1/1/playlist.m3u8")
     assert chunk is not None and chunk["extension"] == ".aac" and chunk["duration"] > 0
 
 
@@ -40,7 +40,3 @@ def test_planted_a_plain_audio_opens_its_stream_empty(monkeypatch):
     import gradio as gr
 
     assert first_segment(gr.Audio(streaming=True), monkeypatch, "s/2/1/playlist.m3u8") is None
-
-
-def test_the_page_renders_it_as_audio():
-    assert ReplyPlayer(streaming=True).get_block_name() == "audio"

@@ -55,27 +55,31 @@ CSS = """
 STOP_JS = "(...a) => { document.querySelectorAll('#omni-reply audio').forEach(e => e.pause()); return a; }"
 
 
-class ReplyPlayer(gr.Audio):
-    """The streamed reply player: gr.Audio whose stream is never announced to the page empty.
+def reply_player(**kw) -> gr.Audio:
+    """The streamed reply player: a gr.Audio whose stream is never announced to the page empty.
 
     Gradio encodes a streamed chunk to AAC in an ffmpeg process and gives the page the stream's playlist
     with the first chunk; it waits only 0.1 s for the encoder's first frames. On a busy machine ffmpeg is not
     up by then, the page loads a playlist with no segments, and its HLS player reports a fatal error (then
-    recovers). So the first chunk waits for its frames here. (Pinned gradio: `_encode_chunk` is its own.)
+    recovers). So this player's first chunk waits for its frames. (Gradio is pinned: `_encode_chunk` is its
+    own; the instance's method is wrapped, since a subclass makes gradio write a .pyi beside this file.)
     """
+    from gradio.audio_stream_encoder import segment_from_frames
+    from gradio.components.audio import _stream_encoders
 
-    is_template = True  # the page renders it as the "audio" component
+    player = gr.Audio(streaming=True, **kw)
+    encode = player._encode_chunk
 
-    def _encode_chunk(self, output_id: str, data: bytes):
-        from gradio.audio_stream_encoder import segment_from_frames
-        from gradio.components.audio import _stream_encoders
-
+    def encode_first_whole(output_id: str, data: bytes):
         slot = _stream_encoders.get(output_id)
         first = slot is not None and slot.encoder is None
-        chunk = super()._encode_chunk(output_id, data)
+        chunk = encode(output_id, data)
         if chunk is None and first and slot.encoder is not None:
             chunk = segment_from_frames(slot.encoder, slot.encoder.take(timeout=FIRST_SEGMENT_WAIT_S))
         return chunk
+
+    player._encode_chunk = encode_first_whole
+    return player
 
 
 class OmniUI:
@@ -183,7 +187,7 @@ class OmniUI:
                         clear = gr.Button("Clear conversation", elem_id="omni-clear")
                     stats = gr.Markdown("", elem_id="omni-stats")
                 with gr.Column(scale=2):
-                    player = ReplyPlayer(label="Reply (speech)", streaming=True, autoplay=True, interactive=False,
+                    player = reply_player(label="Reply (speech)", autoplay=True, interactive=False,
                                       elem_id="omni-reply", visible=self.speech)
                     mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy",
                                    label="Microphone (the turn ends when you pause)", elem_id="omni-mic")
