@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from omni.cache import KVCache
 from omni.config import OmniConfig, Token2WavConfig
 from omni.processor import MediaOptions, Processor, Prompt
 from omni.sampling import GREEDY, SamplingParams, sample
@@ -171,6 +172,32 @@ class OmniModel:
         return SamplingParams(temperature=float(g.get("temperature", 0.7)), top_k=int(g.get("top_k", 20)),
                               top_p=float(g.get("top_p", 0.8)),
                               repetition_penalty=float(g.get("repetition_penalty", 1.05)))
+
+    # The interface the engine drives, the same for every family: a conversation is a slot of a KV cache
+    # the model allocates; a turn is prefilled into its slot; one decode step runs many slots at once.
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.thinker_config.text_config.vocab_size
+
+    def allocate_cache(self, n_slots: int, max_len: int) -> KVCache:
+        return self.thinker.model.allocate_cache(n_slots, max_len)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, cache: KVCache, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A turn's prompt into `slot` after what it holds: (embeds (1, L, D), hidden (1, L, D), last logits (1, V))."""
+        embeds = self.embed_prompt(prompt)
+        hidden = self.thinker(embeds, prompt.positions[:, None].to(self.device), cache, torch.tensor([slot]))
+        return embeds, hidden, self.thinker.lm_head(hidden[:, -1])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of B conversations: tokens (B, 1) at positions (3, B, 1) -> (embeds, hidden, logits (B, V))."""
+        th = self.thinker
+        embeds = th.model.embed_tokens(tokens)
+        hidden = th(embeds, positions, cache, slots)
+        return embeds, hidden, th.lm_head(hidden[:, -1])
 
     @torch.inference_mode()
     def embed_prompt(self, prompt: Prompt) -> torch.Tensor:

@@ -41,6 +41,28 @@ class MRotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def cached_attention(q, k, v, k_cache, v_cache, slots, starts, kv_len, mask, one_slot=None) -> torch.Tensor:
+    """Write the rotated k and v of T new rows into each slot's cache and attend over what the slot holds.
+
+    q (B, nh, T, hd), k/v (B, nkv, T, hd); returns (B, nh, T, hd). `one_slot` (slot, start): a single
+    conversation, whose cache rows are plain slices (no gather).
+    """
+    T = q.shape[2]
+    if one_slot is not None:  # one conversation: plain slices of its cache rows, no gather
+        slot, start = one_slot
+        k_cache[slot, :, start:start + T] = k[0].to(k_cache.dtype)
+        v_cache[slot, :, start:start + T] = v[0].to(v_cache.dtype)
+        keys, values = k_cache[slot:slot + 1, :, :kv_len], v_cache[slot:slot + 1, :, :kv_len]
+    else:
+        idx = starts[:, None] + torch.arange(T, device=starts.device)  # (B, T) sequence indices
+        k_cache[slots[:, None], :, idx] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[slots[:, None], :, idx] = v.transpose(1, 2).to(v_cache.dtype)
+        keys = k_cache[slots, :, :kv_len]  # (B, nkv, S, hd)
+        values = v_cache[slots, :, :kv_len]
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int):
         super().__init__()
@@ -67,19 +89,7 @@ class Attention(nn.Module):
             qkv = F.linear(x, *self._qkv).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)
             qk = apply_rotary(qkv[:, :nh + nkv], cos, sin)  # q and k rotated together
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
-        if one_slot is not None:  # one conversation: plain slices of its cache rows, no gather
-            slot, start = one_slot
-            k_cache[slot, :, start:start + T] = k[0].to(k_cache.dtype)
-            v_cache[slot, :, start:start + T] = v[0].to(v_cache.dtype)
-            keys, values = k_cache[slot:slot + 1, :, :kv_len], v_cache[slot:slot + 1, :, :kv_len]
-        else:
-            idx = starts[:, None] + torch.arange(T, device=starts.device)  # (B, T) sequence indices
-            k_cache[slots[:, None], :, idx] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache[slots[:, None], :, idx] = v.transpose(1, 2).to(v_cache.dtype)
-            keys = k_cache[slots, :, :kv_len]  # (B, nkv, S, hd)
-            values = v_cache[slots, :, :kv_len]
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                             enable_gqa=nkv != nh)
+        out = cached_attention(q, k, v, k_cache, v_cache, slots, starts, kv_len, mask, one_slot)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -104,9 +114,18 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, embed_dim or cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = MRotary(cfg.get_head_dim(), cfg.get_rope_theta(), cfg.get_mrope_section())
+        self.rotary = self.make_rotary(cfg)
+
+    @staticmethod
+    def make_layer(cfg, index: int) -> nn.Module:
+        """Layer `index` of the stack: another family's decoder overrides this (and `make_rotary`)."""
+        return DecoderLayer(cfg)
+
+    @staticmethod
+    def make_rotary(cfg) -> nn.Module:
+        return MRotary(cfg.get_head_dim(), cfg.get_rope_theta(), cfg.get_mrope_section())
 
     def fuse(self, cpu: bool = False) -> None:
         """Serving layout, after loading: q/k/v and gate/up each one product; on a CPU the gate/up
@@ -121,12 +140,13 @@ class Decoder(nn.Module):
                                 self.cfg.get_head_dim(), dtype or p.dtype, device or p.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                n_valid: torch.Tensor | None = None) -> torch.Tensor:
+                n_valid: torch.Tensor | None = None, add_after: dict | None = None) -> torch.Tensor:
         """Append `x` to each slot's cache and return final-norm hidden states.
 
         x (B, T, D) input embeddings; positions (3, B, T) rotary positions; slots (B,) cache slots;
-        n_valid (B,) how many of the T rows are real (right-padded batches; default all).
-        Returns (B, T, D). Advances cache.lengths[slots] by n_valid.
+        n_valid (B,) how many of the T rows are real (right-padded batches; default all);
+        add_after {layer index: (rows (B, T) bool, features (N, D))}: features added to those rows of the
+        hidden states after that layer (Qwen3's deepstack). Returns (B, T, D). Advances cache.lengths[slots].
         """
         B, T, _ = x.shape
         device = x.device
@@ -148,6 +168,9 @@ class Decoder(nn.Module):
         slots_d, starts_d = to_device(slots.cpu(), device), to_device(starts, device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], slots_d, starts_d, kv_len, mask, one_slot)
+            if add_after and i in add_after:
+                rows, feats = add_after[i]
+                x = x.index_put((rows,), x[rows] + feats.to(x.dtype))
         cache.lengths[slots.cpu()] = ends
         return self.norm(x)
 

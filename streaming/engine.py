@@ -345,8 +345,7 @@ class Conversation:
 class Engine:
     def __init__(self, model: OmniModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
-        th = model.thinker
-        self._cache: KVCache = th.model.allocate_cache(config.max_sessions, config.max_context)
+        self._cache: KVCache = model.allocate_cache(config.max_sessions, config.max_context)
         self._talker_cache: KVCache | None = None
         self.max_codes = (config.max_codes if config.max_audio_s is None
                           else max(1, round(config.max_audio_s * model.codec_hz)))
@@ -376,7 +375,7 @@ class Engine:
                 raise EngineBusy(f"all {self.config.max_sessions} conversation slots are in use")
             slot = self._free.pop(0)
         self._cache.reset(slot)
-        vocab = self.model.cfg.thinker_config.text_config.vocab_size
+        vocab = self.model.vocab_size
         state = _Conv(slot, system, voice, seen=torch.zeros(vocab, dtype=torch.bool, device=self.model.device),
                       history=[] if self.model.talker is not None else None)
         return Conversation(self, state)
@@ -480,20 +479,17 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, turn: _Turn, it: int, sampled: list) -> None:
-        m, th, conv = self.model, self.model.thinker, turn.conv
+        m, conv = self.model, turn.conv
         if turn.cancelled:
             return self._finish(turn)
         t0 = time.perf_counter()
         p = turn.prompt
-        embeds = m.embed_prompt(p)
-        slot = torch.tensor([conv.slot])
         turn.cached = int(self._cache.lengths[conv.slot])
         turn.kinds = m.processor.token_kinds(p.input_ids)
         held = conv.media_held
         turn.cached_kinds = {"text": turn.cached - held["audio"] - held["image"], **held}
         conv.media_held = {k: held[k] + turn.kinds[k] for k in held}
-        hidden = th(embeds, p.positions[:, None].to(m.device), self._cache, slot)
-        logits = th.lm_head(hidden[:, -1])
+        embeds, hidden, logits = m.prefill(p, self._cache, conv.slot)
         conv.pending, conv.turns = [], conv.turns + 1
         conv.seen[p.input_ids.to(m.device)] = True
         if conv.history is not None:
@@ -514,15 +510,12 @@ class Engine:
 
         No value is read back here: the host learns the fed tokens in `_resolve`, one step behind.
         """
-        m, th = self.model, self.model.thinker
-        dev = m.device
+        m = self.model
         tokens = torch.cat([t.sampled for t in turns])[:, None]  # (B, 1) on the device
         positions_host = torch.tensor([t.pos for t in turns]).view(1, -1, 1).expand(3, -1, -1)
-        positions = to_device(positions_host, dev)
+        positions = to_device(positions_host, m.device)
         slots = torch.tensor([t.conv.slot for t in turns])
-        embeds = th.model.embed_tokens(tokens)
-        hidden = th(embeds, positions, self._cache, slots)
-        logits = th.lm_head(hidden[:, -1])  # (B, V)
+        embeds, hidden, logits = m.decode(tokens, positions, self._cache, slots)  # logits (B, V)
         for i, t in enumerate(turns):
             t.fed = (embeds[i], hidden[i], positions_host[:, i], t.sampled, t.seen_before)
             t.pos += 1
