@@ -90,7 +90,7 @@ def _dtype(name: str | None):
 def cmd_generate(args) -> int:
     import asyncio
 
-    from omni.pipeline import OmniModel
+    from omni.models import load_model
     from omni.processor import MediaOptions
     from omni.sampling import GREEDY
     from omni.types import Audio, AudioDelta, Done, Error, Image, Text, TextDelta, Video
@@ -113,7 +113,7 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     model_dir = resolve_model(args.model)
-    model = OmniModel.load(model_dir, device=args.device, dtype=_dtype(args.dtype), speech=speak,
+    model = load_model(model_dir, device=args.device, dtype=_dtype(args.dtype), speech=speak,
                            options=MediaOptions(use_audio_in_video=args.use_audio_in_video))
     if speak:
         model.voice(args.voice)  # an unknown voice fails here, before any work

@@ -367,7 +367,9 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", config: EngineConfig = EngineConfig(),
              **load_kwargs) -> "Engine":
-        return cls(OmniModel.load(model_dir, device=device, **load_kwargs), config)
+        from omni.models import load_model
+
+        return cls(load_model(model_dir, device=device, **load_kwargs), config)
 
     def open_conversation(self, voice: str | None = None, system: str | None = None) -> Conversation:
         with self._slots_lock:

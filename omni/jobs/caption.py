@@ -492,11 +492,11 @@ def cmd_caption(args) -> int:
         raise UserError(f"--out must name a .jsonl file; got {out}")
     model_dir = resolve_model(args.model)
 
-    from omni.pipeline import OmniModel
+    from omni.models import load_model
     from streaming.engine import Engine, EngineConfig
 
     def engine():
-        model = OmniModel.load(model_dir, device=args.device, dtype=_dtype(args.dtype), speech=bool(args.speak))
+        model = load_model(model_dir, device=args.device, dtype=_dtype(args.dtype), speech=bool(args.speak))
         return Engine(model, EngineConfig(max_sessions=options.batch_size, max_context=args.max_context,
                                           max_new_tokens=options.max_new_tokens,
                                           max_audio_s=options.max_speech_seconds))

@@ -79,7 +79,7 @@ def run_caption_bench(model_dir: str | Path, device: str = "cpu", dtype=None, ba
     from omni.jobs.caption import CaptionOptions, run_caption
     from omni.jobs.inputs import Item, model_identity
     from omni.jobs.options import DecodeOptions
-    from omni.pipeline import OmniModel
+    from omni.models import load_model
     from streaming.engine import Engine, EngineConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="omni-bench-caption-") if workdir is None else None
@@ -87,7 +87,7 @@ def run_caption_bench(model_dir: str | Path, device: str = "cpu", dtype=None, ba
     try:
         files = make_media(work / "media", items, seconds)
         warm = make_media(work / "warm", 1, seconds)
-        model = OmniModel.load(model_dir, device=device, dtype=dtype, speech=False)
+        model = load_model(model_dir, device=device, dtype=dtype, speech=False)
         mid = model_identity(model_dir)
         results = []
         for bs in batch_sizes:
