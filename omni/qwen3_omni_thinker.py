@@ -192,6 +192,40 @@ class Thinker(nn.Module):
     def fuse(self, cpu: bool = False) -> None:
         pass
 
+    def embed(self, input_ids: torch.Tensor, image: tuple | None = None, video: tuple | None = None,
+              audio: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
+        """Token embeddings with encoder outputs in their placeholders, and the deepstack features.
+
+        input_ids (B, T); image / video: the vision encoder's (merged (N, D), [level (N, D)]) for all images
+        (videos) in prompt order; audio (N, D). Returns (embeds (B, T, D), deepstack or None) with deepstack
+        = (visual rows (B, T), [per level: features of every image and video row, in row order]).
+        """
+        c = self.cfg
+        x = self.model.embed_tokens(input_ids)
+        masks = {}
+        for token, feats, what in ((c.image_token_id, image, "image"), (c.video_token_id, video, "video"),
+                                   (c.audio_token_id, audio, "audio")):
+            where = input_ids == token
+            n = int(where.sum())
+            main = feats[0] if isinstance(feats, tuple) else feats
+            have = 0 if main is None else main.shape[0]
+            if n != have:
+                raise ValueError(f"prompt has {n} {what} placeholder tokens but the encoder gave {have} features")
+            if n:
+                x = x.masked_scatter(where[..., None], main.to(x.dtype))
+                masks[what] = where
+        visual = [(masks[k], f[1]) for k, f in (("image", image), ("video", video)) if k in masks]
+        if not visual:
+            return x, None
+        rows = visual[0][0] if len(visual) == 1 else visual[0][0] | visual[1][0]
+        levels = []
+        for i in range(len(visual[0][1])):
+            level = x.new_zeros(int(rows.sum()), x.shape[-1])
+            for where, feats in visual:
+                level[where[rows]] = feats[i].to(x.dtype)
+            levels.append(level)
+        return x, (rows, levels)
+
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
                 n_valid: torch.Tensor | None = None, deepstack: tuple | None = None) -> torch.Tensor:
         """embeds (B, T, D), positions (3, B, T) -> hidden (B, T, D) after the final norm.

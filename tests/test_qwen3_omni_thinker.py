@@ -249,3 +249,46 @@ def test_planted_deepstack_after_the_wrong_layers_is_caught(built, monkeypatch):
     monkeypatch.setattr(th.model, "forward", shifted)
     got, want = both_with_deepstack(ref, th)
     assert (got - want).abs().max() > PLANTED_MIN
+
+
+@pytest.mark.parametrize("name", ["tiny", "wide"])
+def test_an_image_and_a_video_through_our_vision_encoder_and_thinker_equal_the_reference(built, name):
+    """The vision encoder's merged tokens in their placeholders and its deepstack levels on the visual rows
+    (images and videos joint, in row order), at the reference's own positions."""
+    from encoders.qwen3_omni_vision import Qwen3OmniVisionConfig, Qwen3OmniVisionEncoder
+
+    ref, d = built[name]
+    th = load_text(d)
+    c = th.cfg
+    with empty_params():
+        th.visual = Qwen3OmniVisionEncoder(Qwen3OmniVisionConfig.from_dict(c.vision_config))
+    load_module(th.visual, d, "thinker.visual.")
+    g = torch.Generator().manual_seed(9)
+    vc = th.visual.cfg if hasattr(th.visual, "cfg") else Qwen3OmniVisionConfig.from_dict(c.vision_config)
+    patch = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+    img_grid, vid_grid = torch.tensor([[1, 4, 6]]), torch.tensor([[2, 4, 4]])
+    img_px = torch.randn(int(img_grid.prod()), patch, generator=g)
+    vid_px = torch.randn(int(vid_grid.prod()), patch, generator=g)
+    V = c.text_config.vocab_size
+    text = lambda n: torch.randint(0, V - 16, (n,), generator=g).tolist()
+    ids = (text(5) + [c.vision_start_token_id] + [c.image_token_id] * 6 + [c.vision_end_token_id] + text(3)
+           + [c.vision_start_token_id] + [c.video_token_id] * 8 + [c.vision_end_token_id] + text(4))
+    ids = torch.tensor([ids])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        pos, _ = ref.thinker.get_rope_index(ids, img_grid, vid_grid, mask, False, None, torch.tensor([1.0]))
+        want = ref.thinker(input_ids=ids, attention_mask=mask, pixel_values=img_px, image_grid_thw=img_grid,
+                           pixel_values_videos=vid_px, video_grid_thw=vid_grid, position_ids=pos).logits[0]
+        embeds, deepstack = th.embed(ids, image=th.visual(img_px, img_grid.tolist()),
+                                     video=th.visual(vid_px, vid_grid.tolist()))
+        got = th.lm_head(th(embeds, pos, th.model.allocate_cache(1, 64), torch.tensor([0]), deepstack=deepstack))[0]
+        lm = ref.thinker.model.language_model
+        same_inputs = ref.thinker.lm_head(lm(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
+                                             visual_pos_masks=deepstack[0],
+                                             deepstack_visual_embeds=deepstack[1]).last_hidden_state)[0]
+    # Given the same embeddings and deepstack levels, our decoder equals the reference's to 1e-4.
+    torch.testing.assert_close(got, same_inputs, **TOL)
+    # End to end, our vision encoder's ~1e-7 from the reference's is amplified by the sharpened decoder to
+    # up to ~7e-4 on logits of ~35: a tolerance relative to the logits' scale, and every argmax the same.
+    torch.testing.assert_close(got, want, atol=5e-5 * float(want.abs().max()), rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
