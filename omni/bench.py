@@ -23,8 +23,10 @@ from pathlib import Path
 def add_parser(sub, add_model_args) -> None:
     p = sub.add_parser("bench", help="benchmark the engine against transformers' reference",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("what", nargs="?", choices=["engine", "caption"], default="engine",
-                   help="engine: against transformers (default); caption: captioning throughput")
+    p.add_argument("what", nargs="?", choices=["engine", "caption", "qwen3"], default="engine",
+                   help="engine: against transformers (default); caption: captioning throughput; "
+                        "qwen3: Qwen3-Omni's Thinker against transformers at the tiny and moe100m shapes "
+                        "(--configs tiny,moe100m)")
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--configs", default="default,small", help="embedded sizes to run (default: default,small)")
     p.add_argument("--text-tokens", type=int, default=64)
@@ -202,6 +204,18 @@ def cmd_bench(args) -> int:
         rows = run_caption_bench(resolve_model(args.model), device=args.device, print_fn=print)
         if args.json:
             Path(args.json).write_text(json.dumps({"caption": rows}, indent=2))
+        return 0
+
+    if args.what == "qwen3":
+        from omni.bench_qwen3 import print_report, run_qwen3_bench
+
+        torch.set_num_threads(args.threads)
+        shapes = [s for s in args.configs.split(",") if s] if args.configs != "default,small" else ["tiny", "moe100m"]
+        res = run_qwen3_bench(shapes, args.text_tokens, [int(x) for x in args.concurrency.split(",") if x],
+                              reference=not args.no_reference)
+        print_report(res)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
 
     from omni import embedded

@@ -20,6 +20,19 @@ class ConfigError(ValueError):
     pass
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """`config.json` of a checkpoint directory (or the file itself) as a dict, or a ConfigError naming why not."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json (is this a Qwen-Omni checkpoint directory?)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 def _build(cls, d: dict[str, Any] | None):
     d = dict(d or {})
     names = {f.name for f in dataclasses.fields(cls)}
@@ -274,16 +287,7 @@ class OmniConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "OmniConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json (is this a Qwen2.5-Omni checkpoint directory?)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_config(path))
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

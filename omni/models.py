@@ -7,10 +7,9 @@ the web demo, jobs and the CLI load a model only through `load_model` and never 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from omni.config import ConfigError
+from omni.config import ConfigError, read_config
 
 FAMILIES = {
     "qwen2_5_omni": "Qwen2.5-Omni",
@@ -19,15 +18,12 @@ FAMILIES = {
 
 
 def model_type(path: str | Path) -> str:
-    cfg = Path(path) / "config.json"
-    try:
-        kind = json.loads(cfg.read_text()).get("model_type")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no config.json (is this a Qwen-Omni checkpoint directory?)") from None
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{cfg}: not a JSON object ({e})") from None
+    d = read_config(path)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}/config.json: not a JSON object")
+    kind = d.get("model_type")
     if kind not in FAMILIES:
-        raise ConfigError(f"{cfg}: model_type {kind!r} is not one omni serves "
+        raise ConfigError(f"{path}/config.json: model_type {kind!r} is not one omni serves "
                           f"({', '.join(f'{k} ({v})' for k, v in FAMILIES.items())})")
     return kind
 

@@ -7,12 +7,11 @@ real checkpoints store their own. The encoders' sub-configs are read by the enco
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omni.config import ConfigError, _build, _Rope, _to_dict
+from omni.config import ConfigError, _build, _Rope, _to_dict, read_config
 
 MODEL_TYPE = "qwen3_omni_moe"
 
@@ -100,15 +99,7 @@ class Qwen3OmniConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Qwen3OmniConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(read_config(path))
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

@@ -16,38 +16,26 @@ from torch import nn
 
 from omni.layers import GatedMLP, RMSNorm, activation, apply_rotary
 from omni.qwen3_omni_config import Qwen3OmniTextConfig, Qwen3OmniThinkerConfig
-from omni.thinker import Decoder, cached_attention
+from omni.thinker import Decoder, MRotary, cached_attention
 
 _grouped_mm = getattr(torch, "_grouped_mm", None)
 
 
-class InterleavedMRotary(nn.Module):
+class InterleavedMRotary(MRotary):
     """Rotary frequencies for (t, h, w) positions with Qwen3's interleaved M-RoPE.
 
     Frequency j follows h when j % 3 == 1 and j < 3 * section[1], w when j % 3 == 2 and j < 3 * section[2],
-    else t: the axes alternate across the spectrum instead of taking contiguous blocks (Qwen2.5's layout).
-    Positions may be fractional (13 per second of audio or video).
+    else t: the axes alternate across the spectrum instead of taking contiguous blocks (Qwen2.5's layout,
+    `MRotary`). Positions may be fractional (13 per second of audio or video).
     """
 
     def __init__(self, head_dim: int, theta: float, mrope_section: list[int] | None):
-        super().__init__()
-        half = head_dim // 2
-        section = mrope_section or [half, 0, 0]
-        if sum(section) != half:
-            raise ValueError(f"mrope_section {section} must sum to head_dim/2 = {half}")
-        self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)),
-                             persistent=False)
-        axis = torch.zeros(half, dtype=torch.long)
+        super().__init__(head_dim, theta, mrope_section)
+        section = mrope_section or [head_dim // 2, 0, 0]
+        axis = torch.zeros_like(self.axis)
         for a in (1, 2):
             axis[a:3 * section[a]:3] = a
-        self.register_buffer("axis", axis, persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (3, B, T) -> cos, sin (B, 1, T, head_dim)."""
-        pos = positions.to(self.inv_freq.device).float()
-        freqs = pos[self.axis].permute(1, 2, 0) * self.inv_freq  # (B, T, half): each frequency's own axis
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        self.axis = axis
 
 
 class Attention(nn.Module):

@@ -66,13 +66,15 @@ def config(name: str) -> dict:
 CONFIG_NAMES = ("tiny", "deep", "wide")
 
 
-def hf_config(d: dict):
-    from transformers import Qwen2_5OmniConfig
+def hf_config(d: dict, cls=None):
+    """The transformers config of a config.json dict (Qwen2.5-Omni's class unless `cls` is given)."""
+    if cls is None:
+        from transformers import Qwen2_5OmniConfig as cls
 
     d = copy.deepcopy(d)
     d.pop("model_type", None)
     d.pop("architectures", None)
-    return Qwen2_5OmniConfig(**d)
+    return cls(**d)
 
 
 @torch.no_grad()

@@ -11,11 +11,12 @@ Three configs, so nothing is tuned to one shape:
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
+
+from tests import reference
 
 SHARED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tiny_qwen3_omni_config.json"
 TINY_CONFIG = SHARED_CONFIG if SHARED_CONFIG.exists() else Path(__file__).with_name("data") / "tiny_qwen3_omni_config.json"
@@ -53,10 +54,7 @@ def config(name: str) -> dict:
 def hf_config(d: dict):
     from transformers import Qwen3OmniMoeConfig
 
-    d = copy.deepcopy(d)
-    d.pop("model_type", None)
-    d.pop("architectures", None)
-    return Qwen3OmniMoeConfig(**d)
+    return reference.hf_config(d, Qwen3OmniMoeConfig)
 
 
 @torch.no_grad()

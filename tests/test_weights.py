@@ -122,10 +122,10 @@ def test_stored_copies_of_computed_buffers_are_ignored(tmp_path, tiny_dir):
     assert th.model.rotary.inv_freq.abs().min() > 0
 
 
-def test_shared_config_copy_is_current():
-    from tests.reference import SHARED_CONFIG
-
-    copy = Path(__file__).with_name("data") / "tiny_qwen2_5_omni_config.json"
-    if not SHARED_CONFIG.exists():
+@pytest.mark.parametrize("name", ["tiny_qwen2_5_omni_config.json", "tiny_qwen3_omni_config.json"])
+def test_shared_config_copy_is_current(name):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "reference" / name
+    copy = Path(__file__).with_name("data") / name
+    if not shared.exists():
         pytest.skip("../shared is not beside this clone")
-    assert json.loads(copy.read_text()) == json.loads(SHARED_CONFIG.read_text())
+    assert json.loads(copy.read_text()) == json.loads(shared.read_text())
