@@ -170,15 +170,10 @@ class Thinker(nn.Module):
         text = cfg.text_config
         self.model = TextDecoder(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        if encoders:
-            from encoders.qwen3_omni_audio import Qwen3OmniAudioConfig, Qwen3OmniAudioEncoder
+        if encoders:  # the AuT audio encoder (`audio_tower`) is not implemented yet
             from encoders.qwen3_omni_vision import Qwen3OmniVisionConfig, Qwen3OmniVisionEncoder
 
-            self.audio_tower = Qwen3OmniAudioEncoder(Qwen3OmniAudioConfig.from_dict(cfg.audio_config))
             self.visual = Qwen3OmniVisionEncoder(Qwen3OmniVisionConfig.from_dict(cfg.vision_config))
-
-    def fuse(self, cpu: bool = False) -> None:
-        pass
 
     def embed(self, input_ids: torch.Tensor, image: tuple | None = None, video: tuple | None = None,
               audio: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:

@@ -255,16 +255,16 @@ def test_planted_deepstack_after_the_wrong_layers_is_caught(built, monkeypatch):
 def test_an_image_and_a_video_through_our_vision_encoder_and_thinker_equal_the_reference(built, name):
     """The vision encoder's merged tokens in their placeholders and its deepstack levels on the visual rows
     (images and videos joint, in row order), at the reference's own positions."""
-    from encoders.qwen3_omni_vision import Qwen3OmniVisionConfig, Qwen3OmniVisionEncoder
+    from encoders.qwen3_omni_vision import Qwen3OmniVisionConfig
 
     ref, d = built[name]
-    th = load_text(d)
-    c = th.cfg
+    c = Qwen3OmniConfig.from_file(d).thinker_config
     with empty_params():
-        th.visual = Qwen3OmniVisionEncoder(Qwen3OmniVisionConfig.from_dict(c.vision_config))
-    load_module(th.visual, d, "thinker.visual.")
+        th = Thinker(c)  # with its vision encoder
+    for part in ("model", "lm_head", "visual"):
+        load_module(getattr(th, part), d, f"thinker.{part}.")
     g = torch.Generator().manual_seed(9)
-    vc = th.visual.cfg if hasattr(th.visual, "cfg") else Qwen3OmniVisionConfig.from_dict(c.vision_config)
+    vc = Qwen3OmniVisionConfig.from_dict(c.vision_config)
     patch = 3 * vc.temporal_patch_size * vc.patch_size ** 2
     img_grid, vid_grid = torch.tensor([[1, 4, 6]]), torch.tensor([[2, 4, 4]])
     img_px = torch.randn(int(img_grid.prod()), patch, generator=g)
