@@ -17,6 +17,7 @@ from torch import nn
 from omni.layers import GatedMLP, RMSNorm, activation, apply_rotary
 from omni.qwen3_omni_config import Qwen3OmniTextConfig, Qwen3OmniThinkerConfig
 from omni.thinker import Decoder, MRotary, cached_attention
+from omni.thinker import DecoderLayer as Qwen2DecoderLayer
 
 _grouped_mm = getattr(torch, "_grouped_mm", None)
 
@@ -133,19 +134,16 @@ class SparseMoE(nn.Module):
         return self.experts(flat, *self.gate(flat)).view(shape)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Qwen2DecoderLayer):
+    """Pre-norm attention then MLP, as Qwen2.5's layer (its forward), with Qwen3's attention and MoE."""
+
     def __init__(self, cfg: Qwen3OmniTextConfig, index: int):
-        super().__init__()
+        nn.Module.__init__(self)
         self.self_attn = Attention(cfg)
         self.mlp = (SparseMoE(cfg) if cfg.is_moe(index)
                     else GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, starts, kv_len, mask, one_slot=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, slots, starts, kv_len, mask,
-                               one_slot)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TextDecoder(Decoder):
