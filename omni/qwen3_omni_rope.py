@@ -38,9 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
-
-from omni.layers import rotate_half
+from omni.layers import apply_rotary as rotate
+from omni.thinker import MRotary as Qwen2MRotary
 
 
 def audio_output_length(n_frames, n_window: int = 50):
@@ -320,25 +319,24 @@ def _interleaved_axes(half: int, section: Sequence[int]) -> torch.Tensor:
     return axis
 
 
-class MRotary(nn.Module):
+class MRotary(Qwen2MRotary):
     """Rotary cos/sin for (t, h, w) positions with Qwen3's interleaved M-RoPE.
 
     Frequency j follows h where j % 3 == 1 and j < 3 * mrope_section[1], w where j % 3 == 2 and
     j < 3 * mrope_section[2], else t (transformers' `recomposition_frequencies`): the axes alternate across the
-    spectrum instead of taking contiguous blocks as in Qwen2.5. Only sections 1 and 2 matter; slices past
-    head_dim / 2 are cut ([2, 3, 3] at head_dim 16 gives w two frequencies). transformers applies it whatever
-    rope_parameters' `interleaved` says. Positions may be fractional.
+    spectrum instead of taking contiguous blocks as in Qwen2.5 (`omni.thinker.MRotary`, whose forward this
+    shares). Only sections 1 and 2 matter; slices past head_dim / 2 are cut ([2, 3, 3] at head_dim 16 gives w
+    two frequencies). transformers applies it whatever rope_parameters' `interleaved` says. Positions may be
+    fractional.
     """
 
     def __init__(self, head_dim: int, theta: float, mrope_section: Sequence[int] | None = None):
-        super().__init__()
         half = head_dim // 2
         section = list(mrope_section) if mrope_section is not None else [24, 20, 20]  # transformers' default
         if len(section) != 3 or sum(section) != half:
             raise ValueError(f"mrope_section {section} must be three ints summing to head_dim/2 = {half}")
-        self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)),
-                             persistent=False)
-        self.register_buffer("axis", _interleaved_axes(half, section), persistent=False)
+        super().__init__(head_dim, theta, section)
+        self.axis = _interleaved_axes(half, section)
 
     @classmethod
     def from_config(cls, text_config) -> "MRotary":
@@ -347,14 +345,10 @@ class MRotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (3, B, T) -> cos, sin (B, 1, T, head_dim), broadcastable over heads."""
-        pos = positions.to(self.inv_freq.device).float()
-        chosen = pos[self.axis]  # (half, B, T)
-        freqs = chosen.permute(1, 2, 0) * self.inv_freq  # (B, T, half)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return super().forward(positions, dtype)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, nh, T, hd), k (B, nkv, T, hd), cos/sin (B, 1, T, hd) -> rotated q, k (rotate-half convention)."""
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotate(q, cos, sin), rotate(k, cos, sin)

@@ -14,29 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.qwen3_omni_audio import Qwen3OmniAudioConfig, Qwen3OmniAudioEncoder
+from encoders.qwen3_omni_vision import Qwen3OmniVisionConfig, Qwen3OmniVisionEncoder
 from omni.layers import GatedMLP, RMSNorm, activation, apply_rotary
 from omni.qwen3_omni_config import Qwen3OmniTextConfig, Qwen3OmniThinkerConfig
-from omni.thinker import Decoder, MRotary, cached_attention
+from omni.qwen3_omni_rope import MRotary
+from omni.thinker import Decoder, cached_attention
 from omni.thinker import DecoderLayer as Qwen2DecoderLayer
 
 _grouped_mm = getattr(torch, "_grouped_mm", None)
-
-
-class InterleavedMRotary(MRotary):
-    """Rotary frequencies for (t, h, w) positions with Qwen3's interleaved M-RoPE.
-
-    Frequency j follows h when j % 3 == 1 and j < 3 * section[1], w when j % 3 == 2 and j < 3 * section[2],
-    else t: the axes alternate across the spectrum instead of taking contiguous blocks (Qwen2.5's layout,
-    `MRotary`). Positions may be fractional (13 per second of audio or video).
-    """
-
-    def __init__(self, head_dim: int, theta: float, mrope_section: list[int] | None):
-        super().__init__(head_dim, theta, mrope_section)
-        section = mrope_section or [head_dim // 2, 0, 0]
-        axis = torch.zeros_like(self.axis)
-        for a in (1, 2):
-            axis[a:3 * section[a]:3] = a
-        self.axis = axis
 
 
 class Attention(nn.Module):
@@ -155,7 +141,7 @@ class TextDecoder(Decoder):
 
     @staticmethod
     def make_rotary(cfg: Qwen3OmniTextConfig) -> nn.Module:
-        return InterleavedMRotary(cfg.get_head_dim(), cfg.get_rope_theta(), cfg.get_mrope_section())
+        return MRotary.from_config(cfg)
 
     def fuse(self, cpu: bool = False) -> None:  # the experts are stacked already; nothing to fuse
         pass
@@ -168,10 +154,9 @@ class Thinker(nn.Module):
         text = cfg.text_config
         self.model = TextDecoder(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        if encoders:  # the AuT audio encoder (`audio_tower`) is not implemented yet
-            from encoders.qwen3_omni_vision import Qwen3OmniVisionConfig, Qwen3OmniVisionEncoder
-
+        if encoders:
             self.visual = Qwen3OmniVisionEncoder(Qwen3OmniVisionConfig.from_dict(cfg.vision_config))
+            self.audio_tower = Qwen3OmniAudioEncoder(Qwen3OmniAudioConfig.from_dict(cfg.audio_config))
 
     def embed(self, input_ids: torch.Tensor, image: tuple | None = None, video: tuple | None = None,
               audio: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:

@@ -292,3 +292,57 @@ def test_an_image_and_a_video_through_our_vision_encoder_and_thinker_equal_the_r
     # up to ~7e-4 on logits of ~35: a tolerance relative to the logits' scale, and every argmax the same.
     torch.testing.assert_close(got, want, atol=5e-5 * float(want.abs().max()), rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("name", ["tiny", "deep"])
+def test_audio_and_an_image_through_our_encoders_and_thinker_equal_the_reference(built, name):
+    """Two audio clips (one past a 1 s chunk) and an image through our AuT and vision encoders into the
+    thinker at our rope_index positions, which equal the reference's get_rope_index."""
+    from encoders.qwen3_omni_audio import audio_token_count
+    from encoders.qwen3_omni_vision import Qwen3OmniVisionConfig
+    from omni.qwen3_omni_rope import RopeTokens, rope_index
+
+    ref, d = built[name]
+    c = Qwen3OmniConfig.from_file(d).thinker_config
+    with empty_params():
+        th = Thinker(c)
+    for part in ("model", "lm_head", "visual", "audio_tower"):
+        load_module(getattr(th, part), d, f"thinker.{part}.")
+    g = torch.Generator().manual_seed(11)
+    frames = [170, 60]
+    n_mels = c.audio_config["num_mel_bins"]
+    feats = torch.randn(n_mels, sum(frames), generator=g)
+    vc = Qwen3OmniVisionConfig.from_dict(c.vision_config)
+    img_grid = torch.tensor([[1, 4, 4]])
+    img_px = torch.randn(16, 3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
+    V = c.text_config.vocab_size
+    text = lambda n: torch.randint(0, V - 16, (n,), generator=g).tolist()
+    audio = lambda n: [c.audio_start_token_id] + [c.audio_token_id] * audio_token_count(n) + [c.audio_end_token_id]
+    ids = (text(4) + audio(frames[0]) + text(2) + [c.vision_start_token_id] + [c.image_token_id] * 4
+           + [c.vision_end_token_id] + audio(frames[1]) + text(3))
+    ids = torch.tensor([ids])
+    mask = torch.ones_like(ids)
+    pos, _ = rope_index(ids[0], image_grid_thw=img_grid, audio_lengths=frames, tokens=RopeTokens.from_config(c))
+    with torch.no_grad():
+        want_pos, _ = ref.thinker.get_rope_index(ids, img_grid, None, mask, False, torch.tensor(frames), None)
+        assert torch.equal(pos, want_pos[:, 0])
+        padded = torch.zeros(2, n_mels, max(frames))
+        fmask = torch.zeros(2, max(frames), dtype=torch.long)
+        for i, clip in enumerate(feats.split(frames, dim=1)):
+            padded[i, :, :clip.shape[1]], fmask[i, :clip.shape[1]] = clip, 1
+        want = ref.thinker(input_ids=ids, attention_mask=mask, input_features=padded, feature_attention_mask=fmask,
+                           pixel_values=img_px, image_grid_thw=img_grid, position_ids=want_pos).logits[0]
+        embeds, deepstack = th.embed(ids, image=th.visual(img_px, img_grid.tolist()),
+                                     audio=th.audio_tower(feats, frames))
+        got = th.lm_head(th(embeds, pos[:, None], th.model.allocate_cache(1, 64), torch.tensor([0]),
+                            deepstack=deepstack))[0]
+    torch.testing.assert_close(got, want, atol=5e-5 * float(want.abs().max()), rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # planted: the two clips' features swapped must move the logits far past the tolerance
+    with torch.no_grad():
+        swapped = torch.cat([feats[:, frames[0]:frames[0] + 60], feats[:, :60], feats[:, 60:frames[0]]], 1)
+        bad_embeds, _ = th.embed(ids, image=th.visual(img_px, img_grid.tolist()),
+                                 audio=th.audio_tower(swapped, frames))
+        bad = th.lm_head(th(bad_embeds, pos[:, None], th.model.allocate_cache(1, 64), torch.tensor([0]),
+                            deepstack=deepstack))[0]
+    assert (bad - want).abs().max() > PLANTED_MIN
