@@ -193,12 +193,12 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def normalize(img: torch.Tensor) -> torch.Tensor:
+def normalize(img: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tensor:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W): rescale 1/255 (in float64, as the
-    reference), then CLIP mean/std in float32."""
+    reference), then mean/std (CLIP's unless given; Qwen3-Omni's are 0.5) in float32."""
     x = (img.to(torch.float64) * (1 / 255)).float().movedim(-1, -3)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean) / std
 
 
@@ -233,38 +233,41 @@ def _as_uint8(img, ndim: int) -> torch.Tensor:
 def patchify_image(
     img, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS,
     patch_size: int = PATCH_SIZE, temporal_patch_size: int = TEMPORAL_PATCH_SIZE, merge_size: int = MERGE_SIZE,
+    mean=IMAGE_MEAN, std=IMAGE_STD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 RGB (H, W, 3) -> pixel_values (N, 3*tp*p*p) float32, grid_thw (1, 3) int64 [[1, h, w]].
     The image fills both temporal slots."""
     x = _as_uint8(img, 3)
     h, w = smart_resize(x.shape[0], x.shape[1], patch_size * merge_size, min_pixels, max_pixels)
-    x = normalize(resize_image(x, h, w))[None]
+    x = normalize(resize_image(x, h, w), mean, std)[None]
     pv, (_, gh, gw) = patchify(x.expand(temporal_patch_size, -1, -1, -1), patch_size, temporal_patch_size, merge_size)
     return pv, torch.tensor([[1, gh, gw]])
 
 
 def video_frame_size(
     height: int, width: int, num_frames: int, min_pixels: int = VIDEO_MIN_PIXELS,
-    max_pixels: int = VIDEO_MAX_PIXELS, total_pixels: int = VIDEO_TOTAL_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS, total_pixels: int = VIDEO_TOTAL_PIXELS, factor: int = IMAGE_FACTOR,
 ) -> tuple[int, int]:
     """Per-frame size for a video of num_frames (qwen-omni-utils fetch_video): the per-frame cap
-    is the smaller of max_pixels and an even share of total_pixels, floored at 1.05 * min_pixels."""
+    is the smaller of max_pixels and an even share of total_pixels, floored at 1.05 * min_pixels.
+    factor: patch_size * merge_size (28 for Qwen2.5, 32 for Qwen3's 16-pixel patches)."""
     cap = max(min(max_pixels, total_pixels / num_frames * FRAME_FACTOR), int(min_pixels * 1.05))
-    return smart_resize(height, width, IMAGE_FACTOR, min_pixels, cap)
+    return smart_resize(height, width, factor, min_pixels, cap)
 
 
 def patchify_video(
     frames, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = VIDEO_MAX_PIXELS,
     total_pixels: int = VIDEO_TOTAL_PIXELS, patch_size: int = PATCH_SIZE,
     temporal_patch_size: int = TEMPORAL_PATCH_SIZE, merge_size: int = MERGE_SIZE,
+    mean=IMAGE_MEAN, std=IMAGE_STD, factor: int = IMAGE_FACTOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 RGB (T, H, W, 3) sampled frames -> pixel_values_videos (N, 3*tp*p*p) float32,
     grid_thw (1, 3) int64. Frames already at video_frame_size (load_video's) are not resized."""
     x = _as_uint8(frames, 4)
     if x.shape[0] == 0:
         raise ValueError("video has no frames")
-    h, w = video_frame_size(x.shape[1], x.shape[2], x.shape[0], min_pixels, max_pixels, total_pixels)
-    pv, grid = patchify(normalize(resize_frames(x, h, w)), patch_size, temporal_patch_size, merge_size)
+    h, w = video_frame_size(x.shape[1], x.shape[2], x.shape[0], min_pixels, max_pixels, total_pixels, factor)
+    pv, grid = patchify(normalize(resize_frames(x, h, w), mean, std), patch_size, temporal_patch_size, merge_size)
     return pv, torch.tensor([grid])
 
 

@@ -23,6 +23,23 @@ OMNI_SPECIALS = [
     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 ]
 
+# Qwen3-Omni's added tokens from id 151643 on (Qwen3's 151643-151668, then the Omni audio/TTS ones up to
+# <|audio_pad|> 151675), as in Qwen3-Omni-30B-A3B-*'s tokenizer_config.json.
+QWEN3_OMNI_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>", "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+    "<tts_text_bos_single>", "<|audio_pad|>",
+]
+# Added tokens Qwen3 marks `"special": false`: matched whole when encoding but kept when decoding, so a
+# reply's reasoning block and tool calls survive skip_special_tokens.
+QWEN3_NON_SPECIAL = frozenset([
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+])
+
 
 class TokenizerError(ValueError):
     pass
@@ -40,7 +57,10 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict[str, int]) -> Tokenizer:
+def qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict[str, int],
+                    non_special: frozenset[str] | set[str] = frozenset()) -> Tokenizer:
+    """Qwen2 byte-level BPE with `specials` added at their ids; those in `non_special` are added tokens
+    that decoding keeps (`"special": false`)."""
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, ignore_merges=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -49,15 +69,25 @@ def qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], specia
     ])
     tok.decoder = decoders.ByteLevel()
     for text, _ in sorted(specials.items(), key=lambda kv: kv[1]):
-        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        if text in non_special:
+            tok.add_tokens([AddedToken(text, special=False, normalized=False)])
+        else:
+            tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
     for text, i in specials.items():
         if tok.token_to_id(text) != i:
             raise TokenizerError(f"special token {text} landed at {tok.token_to_id(text)}, expected {i}")
     return tok
 
 
-def from_tiktoken(path: str | Path, specials: list[str] = OMNI_SPECIALS) -> Tokenizer:
-    """Qwen2 tokenizer from a tiktoken rank file (`qwen.tiktoken`: base64 bytes, rank per line)."""
+def from_tiktoken(path: str | Path, specials: list[str] = OMNI_SPECIALS,
+                  non_special: frozenset[str] | set[str] | None = None) -> Tokenizer:
+    """Qwen2 tokenizer from a tiktoken rank file (`qwen.tiktoken`: base64 bytes, rank per line).
+
+    non_special: which of `specials` decoding keeps; None: QWEN3_NON_SPECIAL for QWEN3_OMNI_SPECIALS,
+    none for any other list (Qwen2.5-Omni's files mark every added token special).
+    """
+    if non_special is None:
+        non_special = QWEN3_NON_SPECIAL if list(specials) == QWEN3_OMNI_SPECIALS else frozenset()
     ranks: dict[bytes, int] = {}
     for line in Path(path).read_text().splitlines():
         if line:
@@ -77,7 +107,8 @@ def from_tiktoken(path: str | Path, specials: list[str] = OMNI_SPECIALS) -> Toke
                 merges.append((rank, ranks[left], ranks[right], enc(left), enc(right)))
     merges.sort()
     n = len(ranks)
-    return qwen2_tokenizer(vocab, [(m[3], m[4]) for m in merges], {t: n + i for i, t in enumerate(specials)})
+    return qwen2_tokenizer(vocab, [(m[3], m[4]) for m in merges], {t: n + i for i, t in enumerate(specials)},
+                           non_special)
 
 
 def save_qwen2_files(tok: Tokenizer, out_dir: Path, model_max_length: int = 32768) -> None:
@@ -88,7 +119,7 @@ def save_qwen2_files(tok: Tokenizer, out_dir: Path, model_max_length: int = 3276
     added = {}
     for i, t in sorted(tok.get_added_tokens_decoder().items()):
         added[str(i)] = {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
-                         "single_word": False, "special": True}
+                         "single_word": False, "special": bool(t.special)}
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "Qwen2Tokenizer", "model_max_length": model_max_length, "errors": "replace",
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None, "bos_token": None,
@@ -111,12 +142,14 @@ class TextTokenizer:
             vocab = json.loads((path / "vocab.json").read_text())
             merges = [tuple(l.split(" ")) for l in (path / "merges.txt").read_text().splitlines()
                       if l and not l.startswith("#version")]
-            specials = {}
+            specials, non_special = {}, set()
             cfg = path / "tokenizer_config.json"
             if cfg.exists():
                 for i, t in json.loads(cfg.read_text()).get("added_tokens_decoder", {}).items():
                     specials[t["content"]] = int(i)
-            return cls(qwen2_tokenizer(vocab, merges, specials))
+                    if t.get("special", True) is False:
+                        non_special.add(t["content"])
+            return cls(qwen2_tokenizer(vocab, merges, specials, non_special))
         raise TokenizerError(f"{path}: no tokenizer.json or vocab.json + merges.txt")
 
     def encode(self, text: str) -> list[int]:

@@ -103,4 +103,92 @@ def build_reference(name: str, out_dir: Path, seed: int = 0, max_shard_size: str
     sharpen(model, seed)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    build_tokenizer(out_dir, cfg)
     return model, out_dir
+
+
+def special_tokens(cfg: dict) -> dict[str, int]:
+    """The tiny vocabulary's specials at the ids the config gives them; "system", "user" and "assistant" are
+    whole words there (system/user/assistant_token_id: the Talker finds turns by them), as in the real vocab."""
+    th = cfg["thinker_config"]
+    out = {
+        "<|im_start|>": cfg["im_start_token_id"], "<|im_end|>": cfg["im_end_token_id"],
+        "<tts_pad>": cfg["tts_pad_token_id"], "<tts_text_bos>": cfg["tts_bos_token_id"],
+        "<tts_text_eod>": cfg["tts_eos_token_id"], "<|audio_pad|>": th["audio_token_id"],
+        "<|image_pad|>": th["image_token_id"], "<|video_pad|>": th["video_token_id"],
+        "<|vision_start|>": th["vision_start_token_id"], "<|vision_end|>": th["vision_end_token_id"],
+        "<|audio_start|>": th["audio_start_token_id"], "<|audio_end|>": th["audio_end_token_id"],
+        "system": cfg["system_token_id"], "user": cfg["user_token_id"], "assistant": cfg["assistant_token_id"],
+    }
+    if len(set(out.values())) != len(out):
+        raise ValueError(f"special ids collide: {out}")
+    return out
+
+
+def build_tokenizer(out_dir: Path, cfg: dict) -> None:
+    """A small byte-level BPE in the Qwen2 format whose specials sit at the config's ids (see special_tokens).
+
+    `<|endoftext|>` takes the first free id among them; `<think>` / `</think>` the two ids below the lowest
+    special, as added tokens with "special": false like Qwen3's. The regular vocabulary is trained on a fixed
+    text below those, so ids are stable across runs.
+    """
+    import tempfile
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from omni.tokenizer import QWEN2_PATTERN, save_qwen2_files
+
+    vocab_size = cfg["thinker_config"]["text_config"]["vocab_size"]
+    fixed = special_tokens(cfg)
+    lowest = min(fixed.values())
+    free = [i for i in range(lowest, vocab_size) if i not in fixed.values()]
+    if not free:
+        raise ValueError("no free id for <|endoftext|> among the specials")
+    specials = {t: i for t, i in fixed.items() if not t.isalpha()}
+    specials["<|endoftext|>"] = free[0]
+    think = {"<think>": lowest - 2, "</think>": lowest - 1}
+    n_regular = lowest - 2
+
+    def fresh() -> Tokenizer:
+        t = Tokenizer(models.BPE(byte_fallback=False))
+        t.normalizer = normalizers.NFC()
+        t.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(__import__("tokenizers").Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        t.decoder = decoders.ByteLevel()
+        return t
+
+    corpus = [
+        "system\nYou are a helpful assistant that perceives auditory and visual inputs.",
+        "user\nWhat is happening? Describe the image. What do you hear in the audio? Compare them.",
+        "assistant\nThe cat sits on the mat. A person is talking about the weather.",
+    ] * 20
+    tok = fresh()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=n_regular, min_frequency=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    with tempfile.TemporaryDirectory() as d:
+        tok.model.save(d)
+        trained = json.loads((Path(d) / "vocab.json").read_text())
+        merges = [tuple(line.split(" ")) for line in (Path(d) / "merges.txt").read_text().splitlines()
+                  if line and not line.startswith("#version")]
+    by_id = {i: t for t, i in trained.items()}
+    for word in ("system", "user", "assistant"):
+        if word not in trained:
+            raise AssertionError(f"the tiny BPE did not learn {word!r} as one token")
+        del by_id[trained[word]]
+        by_id[fixed[word]] = word
+    for t, i in list(specials.items()) + list(think.items()):
+        by_id[i] = t
+    vocab = {by_id.get(i, f"<|unused_{i}|>"): i for i in range(vocab_size)}
+    tok = fresh()
+    tok.model = models.BPE(vocab=vocab, merges=merges, byte_fallback=False, ignore_merges=False)
+    for t, i in sorted({**specials, **think}.items(), key=lambda kv: kv[1]):
+        if t in think:
+            tok.add_tokens([AddedToken(t, special=False, normalized=False)])
+        else:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+    for t, i in {**fixed, **specials, **think}.items():
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t), i)
+        assert tok.encode(t, add_special_tokens=False).ids == [i], (t, tok.encode(t).ids)
+    save_qwen2_files(tok, Path(out_dir), model_max_length=cfg["thinker_config"]["text_config"]["max_position_embeddings"])
