@@ -4,11 +4,13 @@ Random weights in the official layout (experts one tensor each, sharded with an 
 shared tiny config and a generated ~100 M-parameter MoE ("moe100m": 6 layers, 32 experts, top-8, the real
 head layout). On the same prompt with lengths forced equal (greedy, `--text-tokens` new tokens):
   1. transformers' thinker `generate`, one conversation (its default experts backend, as a user runs it);
-  2. our Thinker, 1, 4 and 8 conversations decoding together (one batched forward per step);
+  2. our engine (omni.models.load_model + streaming.engine, as `omni serve` runs it), 1, 4 and 8
+     conversations at once on the same prompt through our processor (one batched forward per step);
   3. the load: seconds, and peak host memory over the checkpoint's size (measured in a fresh process);
   4. our MoE decode step (B=1) against the bandwidth floor counted over the bytes a step really reads:
      every non-expert weight plus only the experts the step routes to.
-Our Thinker is driven directly here: Qwen3-Omni's processor and serving come later (issue 13's rest).
+The checkpoint carries the real Qwen vocabulary cut to the shape's vocab_size, Qwen3-Omni's added tokens after
+it, so the same prompt text goes through transformers and through us.
 """
 
 from __future__ import annotations
@@ -31,20 +33,35 @@ SHAPES = {
 
 
 def make_checkpoint(shape: str, out: Path, seed: int = 0) -> tuple[object, Path]:
-    """The reference Qwen3-Omni built at `shape` with seeded random weights, saved sharded to `out`."""
+    """The reference Qwen3-Omni built at `shape` with seeded random weights, saved sharded to `out` with the
+    tokenizer and processing files a served checkpoint has."""
     import torch
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
+    from omni.qwen3_omni_embedded import special_ids, write_processing_files, write_tokenizer
+
     d = json.loads((Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny_qwen3_omni_config.json").read_text())
-    d["thinker_config"]["text_config"].update(SHAPES[shape])
-    d["talker_config"]["thinker_hidden_size"] = d["thinker_config"]["text_config"]["hidden_size"]
-    d["thinker_config"]["vision_config"]["out_hidden_size"] = d["thinker_config"]["text_config"]["hidden_size"]
-    d["thinker_config"]["audio_config"]["output_dim"] = d["thinker_config"]["text_config"]["hidden_size"]
+    th = d["thinker_config"]
+    th["text_config"].update(SHAPES[shape])
+    hidden, vocab = th["text_config"]["hidden_size"], th["text_config"]["vocab_size"]
+    d["talker_config"]["thinker_hidden_size"] = th["vision_config"]["out_hidden_size"] = hidden
+    th["audio_config"]["output_dim"] = hidden
+    top, thinker_ids = special_ids(vocab)
+    d.update(top)
+    th.update(thinker_ids)
+    for k in ("audio_token_id", "image_token_id", "video_token_id", "vision_start_token_id", "audio_start_token_id"):
+        d["talker_config"][k] = thinker_ids[k]
     d.pop("model_type"), d.pop("architectures")
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**d)).eval()
     model.save_pretrained(out, max_shard_size="100MB")
+    write_tokenizer(out, vocab)
+    write_processing_files(out, [top["im_end_token_id"]])
     return model, out
+
+
+PROMPT = ("Here is a long story about a cat who lived by the sea, and every morning walked along the harbour "
+          "to watch the fishing boats come in. Tell me what happened next.")
 
 
 # Peak memory from VmHWM, which a new process image starts afresh (ru_maxrss carries the parent's over exec).
@@ -78,50 +95,46 @@ def _load_memory(path: Path) -> dict:
             "peak_over_weights": peak / weights}
 
 
-def _ours(path: Path, ids, n_new: int, n_conv: int) -> tuple[dict, object]:
-    import torch
+def _ours(model, n_new: int, n_conv: int) -> tuple[dict, list[int]]:
+    """Our engine: n_conv conversations sent PROMPT at once, every reply forced to n_new greedy tokens."""
+    import asyncio
 
-    from omni.qwen3_omni_config import Qwen3OmniConfig
-    from omni.qwen3_omni_thinker import Thinker
-    from omni.weights import empty_params, load_module
+    from omni.sampling import GREEDY
+    from omni.types import TextDelta
+    from streaming.engine import Engine, EngineConfig
 
-    with empty_params():
-        th = Thinker(Qwen3OmniConfig.from_file(path).thinker_config, encoders=False)
-    load_module(th.model, path, "thinker.model.")
-    load_module(th.lm_head, path, "thinker.lm_head.")
-    L = ids.shape[1]
-    cache = th.model.allocate_cache(n_conv, L + n_new + 8)
-    out = [[] for _ in range(n_conv)]
-    with torch.inference_mode():
+    eng = Engine(model, EngineConfig(max_sessions=n_conv + 1, max_context=512, max_new_tokens=n_new))  # + warm-up
+
+    async def one(conv):
+        return [ev.token_id async for ev in conv.respond([PROMPT], sampling=GREEDY, min_new_tokens=n_new)
+                if isinstance(ev, TextDelta)]
+
+    async def run(n):
+        return await asyncio.gather(*(one(eng.open_conversation()) for _ in range(n)))
+
+    try:
+        asyncio.run(run(1))  # warm-up
         t0 = time.perf_counter()
-        last = []
-        for i in range(n_conv):
-            pos = torch.arange(L).view(1, 1, L).expand(3, 1, L)
-            h = th(th.model.embed_tokens(ids), pos, cache, torch.tensor([i]))
-            last.append(th.lm_head(h[:, -1]).argmax(-1))
-        tok = torch.stack(last)  # (B, 1)
-        t1 = time.perf_counter()
-        for s in range(n_new - 1):
-            for i in range(n_conv):
-                out[i].append(int(tok[i]))
-            pos = torch.full((3, n_conv, 1), L + s)
-            h = th(th.model.embed_tokens(tok), pos, cache, torch.arange(n_conv))
-            tok = th.lm_head(h[:, -1]).argmax(-1, keepdim=True)
-        for i in range(n_conv):
-            out[i].append(int(tok[i]))
-        t2 = time.perf_counter()
-    row = {"run": f"omni thinker x{n_conv}", "conversations": n_conv, "total_s": t2 - t0, "prefill_s": t1 - t0,
-           "tok_s": n_conv * n_new / (t2 - t0), "decode_tok_s": n_conv * (n_new - 1) / (t2 - t1)}
-    return row, (th, out[0])
+        out = asyncio.run(run(n_conv))
+        t = time.perf_counter() - t0
+    finally:
+        eng.shutdown()
+    assert all(len(o) == n_new for o in out), [len(o) for o in out]
+    return {"run": f"omni engine x{n_conv}", "conversations": n_conv, "total_s": t,
+            "tok_s": n_conv * n_new / t}, out[0]
 
 
 def _reference(model, ids, n_new: int) -> tuple[dict, list[int]]:
     import torch
 
+    def generate():
+        return model.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                      min_new_tokens=n_new, do_sample=False)
+
     with torch.inference_mode():
+        generate()  # warm-up, as ours
         t0 = time.perf_counter()
-        got = model.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
-                                     min_new_tokens=n_new, do_sample=False)
+        got = generate()
         t = time.perf_counter() - t0
     return {"run": "transformers", "conversations": 1, "total_s": t, "tok_s": n_new / t}, got[0, ids.shape[1]:].tolist()
 
@@ -180,34 +193,33 @@ def _moe_step(th, ids, steps: int = 32) -> dict:
 
 def run_qwen3_bench(shapes: list[str], n_new: int, concurrency: list[int], reference: bool = True,
                     print_fn=print) -> dict:
-    import torch
+    from omni.models import load_model
+    from omni.types import Message
 
     rows, extra = [], {}
     for shape in shapes:
         with tempfile.TemporaryDirectory(prefix=f"omni-bench-qwen3-{shape}-") as tmp:
             print(f"omni bench qwen3: {shape}", file=sys.stderr)
-            model, path = make_checkpoint(shape, Path(tmp))
-            V = model.config.thinker_config.text_config.vocab_size
-            ids = torch.randint(0, V - 16, (1, 48), generator=torch.Generator().manual_seed(1))
+            ref, path = make_checkpoint(shape, Path(tmp))
+            model = load_model(path)
+            ids = model.processor([Message.of("user", PROMPT)]).input_ids[None]
             same = None
             if reference:
-                row, want = _reference(model, ids, n_new)
+                row, want = _reference(ref, ids, n_new)
                 rows.append({"shape": shape, **row})
-            del model
-            th = None
+            del ref
             for n in concurrency:
-                row, (th, first) = _ours(path, ids, n_new, n)
+                row, first = _ours(model, n_new, n)
                 rows.append({"shape": shape, **row})
                 if reference and n == 1:
                     same = first == want
-            extra[shape] = {"load": _load_memory(path), "moe_step": _moe_step(th, ids),
-                            "tokens_equal_reference": same}
+            extra[shape] = {"load": _load_memory(path), "moe_step": _moe_step(model.thinker, ids),
+                            "tokens_equal_reference": same, "prompt_tokens": int(ids.shape[1])}
     return {"rows": rows, **extra}
 
 
 def print_report(res: dict, print_fn=print) -> None:
-    cols = [("shape", "{}"), ("run", "{}"), ("total_s", "{:.3f}"), ("prefill_s", "{:.3f}"), ("tok_s", "{:.1f}"),
-            ("decode_tok_s", "{:.1f}")]
+    cols = [("shape", "{}"), ("run", "{}"), ("total_s", "{:.3f}"), ("tok_s", "{:.1f}")]
     cells = [[c for c, _ in cols]] + [[f.format(r[c]) if r.get(c) is not None else "-" for c, f in cols]
                                       for r in res["rows"]]
     w = [max(len(r[i]) for r in cells) for i in range(len(cols))]

@@ -23,7 +23,9 @@ class _MediaAction(argparse.Action):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="Qwen2.5-Omni checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--model", metavar="DIR|embedded:NAME", help="a Qwen2.5-Omni or Qwen3-Omni checkpoint directory (the family is read "
+                   "from its config.json), or embedded:qwen2.5-omni (the default) / embedded:qwen3-omni, tiny random "
+                   "models this project makes")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -31,7 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omni", description="Streaming Qwen2.5-Omni inference.")
+    parser = argparse.ArgumentParser(prog="omni", description="Streaming Qwen2.5-Omni and Qwen3-Omni inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer one prompt (text, images, audio, video) and stream the reply",
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action=_MediaAction, metavar="PATH", help="an image (repeatable)")
     g.add_argument("--audio", action=_MediaAction, metavar="PATH", help="an audio file (repeatable)")
     g.add_argument("--video", action=_MediaAction, metavar="PATH", help="a video file (repeatable)")
-    g.add_argument("--system", help="system prompt (default: Qwen2.5-Omni's own)")
+    g.add_argument("--system", help="system prompt (default: the model's own: Qwen2.5-Omni's fixed one; none for Qwen3-Omni)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--greedy", action="store_true",
                    help="nothing sampled, the same reply every run: the Thinker and the Talker always take the most "
@@ -71,13 +73,18 @@ SUBCOMMANDS: list[str] = ["omni.jobs.caption", "streaming.server", "omni.bench"]
 
 
 def resolve_model(path: str | None) -> Path:
-    """The checkpoint to run: the given directory, or the embedded default (built on first use)."""
-    if path:
+    """The checkpoint to run: the given directory, or an embedded model (`embedded[:NAME]`, the default
+    with no --model; built on first use)."""
+    if path and not (path == "embedded" or path.startswith("embedded:")):
         return Path(path)
     from omni import embedded
 
-    d = embedded.ensure()
-    print(embedded.BANNER.format(path=d), file=sys.stderr)
+    try:
+        size = embedded.size_of(path or "embedded")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    d = embedded.ensure(size=size)
+    print(embedded.banner(size, d), file=sys.stderr)
     return d
 
 
@@ -123,7 +130,7 @@ def cmd_generate(args) -> int:
                                         max_audio_s=args.max_audio_seconds))
     text_out = sys.stderr if to_stdout else sys.stdout
     writer = None
-    token_ids, text, done = [], [], None
+    token_ids, text, reasoning, done = [], [], [], None
     try:
         if speak and not to_stdout:
             try:
@@ -139,10 +146,11 @@ def cmd_generate(args) -> int:
                                          seed=None if args.greedy else args.seed):
                 if isinstance(ev, TextDelta):
                     token_ids.append(ev.token_id)
-                    text.append(ev.text)
+                    (reasoning if ev.reasoning else text).append(ev.text)
+                    out = sys.stderr if ev.reasoning else text_out  # a <think> block: beside the answer
                     if not args.json:
-                        text_out.write(ev.text)
-                        text_out.flush()
+                        out.write(ev.text)
+                        out.flush()
                 elif isinstance(ev, AudioDelta):
                     if to_stdout:
                         sys.stdout.buffer.write(ev.pcm)
@@ -167,6 +175,8 @@ def cmd_generate(args) -> int:
         out = {"text": "".join(text), "token_ids": token_ids, "prompt_tokens": done.usage["prompt_tokens"],
                "finish_reason": "stop" if done.status == "completed" else "length", "model": str(model_dir),
                "timings": timings}
+        if reasoning:
+            out["reasoning"] = "".join(reasoning)
         if speak:
             out.update(codec_ids=done.codec_ids, audio_seconds=done.usage["audio_seconds"],
                        time_to_first_audio=timings.get("time_to_first_audio_s"))

@@ -30,8 +30,32 @@ BANNER = ("omni: running the EMBEDDED DEFAULT model ({path}): a tiny randomly in
 MARKER = "omni_embedded_default"
 
 
+# `--model embedded:NAME`: the embedded checkpoints a user can pick by name (the first is the default).
+NAMES = {"qwen2.5-omni": "default", "qwen3-omni": "qwen3-omni"}
+BANNERS = {"qwen3-omni": ("omni: running the EMBEDDED Qwen3-Omni ({path}): a tiny randomly initialised Qwen3-Omni "
+                          "thinker made by this project (text out only). Its replies are NOT meaningful. Pass "
+                          "--model DIR to run a real Qwen3-Omni-30B-A3B checkpoint.")}
+
+
+def size_of(spec: str) -> str:
+    """The embedded size that `embedded` or `embedded:NAME` names; a clear error for an unknown name."""
+    name = spec.partition(":")[2] or next(iter(NAMES))
+    if name not in NAMES:
+        raise ValueError(f"{spec}: no such embedded model; choose one of "
+                         + ", ".join(f"embedded:{n}" for n in NAMES))
+    return NAMES[name]
+
+
+def banner(size: str, path: Path) -> str:
+    return BANNERS.get(size, BANNER).format(path=path)
+
+
 def cache_dir(size: str = "default") -> Path:
     base = os.environ.get("OMNI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "omni")
+    if size == "qwen3-omni":
+        from omni.qwen3_omni_embedded import VERSION as v3
+
+        return Path(base) / f"embedded-{size}-v{v3}"
     return Path(base) / (f"embedded-v{VERSION}" if size == "default" else f"embedded-{size}-v{VERSION}")
 
 
@@ -143,6 +167,11 @@ def voices(cfg: OmniConfig) -> dict:
 
 def build(out_dir: Path, size: str = "default") -> None:
     from safetensors.torch import save_file
+
+    if size == "qwen3-omni":
+        from omni import qwen3_omni_embedded
+
+        return qwen3_omni_embedded.build(out_dir)
 
     d = config_dict(size)
     cfg = OmniConfig.from_dict(d)

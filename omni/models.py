@@ -28,6 +28,14 @@ def model_type(path: str | Path) -> str:
     return kind
 
 
+def is_captioner(path: str | Path) -> bool:
+    """Whether the checkpoint is a captioning-only model, which takes an audio-only user turn (no instruction).
+
+    Nothing in config.json marks Qwen3-Omni-30B-A3B-Captioner (model_type and architecture as the others'):
+    its repository's name does."""
+    return model_type(path) == "qwen3_omni_moe" and "captioner" in Path(path).absolute().name.lower()
+
+
 def load_model(path: str | Path, device: str = "cpu", **kwargs):
     """The checkpoint at `path` loaded on `device` as its family's model (keyword options as the family's `load`)."""
     kind = model_type(path)
@@ -35,5 +43,6 @@ def load_model(path: str | Path, device: str = "cpu", **kwargs):
         from omni.pipeline import OmniModel
 
         return OmniModel.load(path, device=device, **kwargs)
-    raise ConfigError(f"{path}: {FAMILIES[kind]} checkpoints load their Thinker (omni/qwen3_omni_thinker.py) but "
-                      "cannot be served yet: its processor and chat template are not in this release")
+    from omni.qwen3_omni_model import Qwen3OmniModel
+
+    return Qwen3OmniModel.load(path, device=device, **kwargs)

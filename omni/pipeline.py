@@ -17,8 +17,8 @@ import torch
 
 from omni.cache import KVCache
 from omni.config import OmniConfig, Token2WavConfig
-from omni.processor import MediaOptions, Processor, Prompt
-from omni.sampling import GREEDY, SamplingParams, sample
+from omni.processor import DEFAULT_SYSTEM_PROMPT, MediaOptions, Processor, Prompt
+from omni.sampling import SamplingParams, from_generation_config, sample
 from omni.thinker import Thinker
 from omni.types import PromptStates, ThinkerStep
 from omni.weights import Checkpoint, empty_params, load_module
@@ -109,6 +109,12 @@ class GenerationResult:
 
 
 class OmniModel:
+    family = "Qwen2.5-Omni"
+    default_system_prompt = DEFAULT_SYSTEM_PROMPT  # the chat template's, when a conversation sets none
+    speech_system_prompt = SPEECH_SYSTEM_PROMPT  # the one its voice was trained with
+    think_ids = None  # no reasoning block
+    captioner = False  # no captioning-only variant
+
     def __init__(self, path: Path, cfg: OmniConfig, thinker: Thinker, processor: Processor, device: torch.device,
                  dtype: torch.dtype, generation: dict, talker: Talker | None = None,
                  token2wav: Token2Wav | None = None, voices: dict[str, Voice] | None = None):
@@ -166,12 +172,7 @@ class OmniModel:
 
     def default_sampling(self, greedy: bool = False) -> SamplingParams:
         """The checkpoint's generation_config.json, else Qwen2.5's usual chat settings; or greedy."""
-        if greedy:
-            return GREEDY
-        g = self.generation
-        return SamplingParams(temperature=float(g.get("temperature", 0.7)), top_k=int(g.get("top_k", 20)),
-                              top_p=float(g.get("top_p", 0.8)),
-                              repetition_penalty=float(g.get("repetition_penalty", 1.05)))
+        return from_generation_config(self.generation, greedy)
 
     # The interface the engine drives, the same for every family: a conversation is a slot of a KV cache
     # the model allocates; a turn is prefilled into its slot; one decode step runs many slots at once.
@@ -182,6 +183,11 @@ class OmniModel:
 
     def allocate_cache(self, n_slots: int, max_len: int) -> KVCache:
         return self.thinker.model.allocate_cache(n_slots, max_len)
+
+    @staticmethod
+    def decode_positions(next_positions: list[int]) -> torch.Tensor:
+        """(3, B, 1) positions for one decode step of B conversations: each one's next position on all axes."""
+        return torch.tensor(next_positions).view(1, -1, 1).expand(3, -1, -1)
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt, cache: KVCache, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

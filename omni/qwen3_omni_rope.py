@@ -103,7 +103,7 @@ class NextPosition:
     transformers computes a text run as anchor + k in float32, one rounding per token. Carrying the pair
     (not the rounded sum) keeps a continuation (the decoded reply, the next turn) bit-equal to transformers'
     run over the whole conversation even when positions are fractional (a 3 fps video gives 8.666...).
-    `float(nxt)` is the position itself; `nxt + n` moves n tokens on.
+    `float(nxt)` is the position itself; `nxt + n` moves n tokens on (`nxt - n` back).
     """
 
     anchor: float  # a float32 value
@@ -111,6 +111,9 @@ class NextPosition:
 
     def __add__(self, n: int) -> "NextPosition":
         return NextPosition(self.anchor, self.offset + int(n))
+
+    def __sub__(self, n: int) -> "NextPosition":  # a token taken back out of the cache
+        return NextPosition(self.anchor, self.offset - int(n))
 
     def __float__(self) -> float:
         return float(_f32(self.anchor) + self.offset)

@@ -27,6 +27,14 @@ class SamplingParams:
 GREEDY = SamplingParams(greedy=True)
 
 
+def from_generation_config(g: dict, greedy: bool = False) -> SamplingParams:
+    """A checkpoint's generation_config.json settings (Qwen's usual chat ones where it is silent), or greedy."""
+    if greedy:
+        return GREEDY
+    return SamplingParams(temperature=float(g.get("temperature", 0.7)), top_k=int(g.get("top_k", 20)),
+                          top_p=float(g.get("top_p", 0.8)), repetition_penalty=float(g.get("repetition_penalty", 1.05)))
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits (B, V); seen (B, V) bool: tokens present in each sequence."""
     if penalty == 1.0:

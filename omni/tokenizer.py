@@ -80,8 +80,11 @@ def qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], specia
 
 
 def from_tiktoken(path: str | Path, specials: list[str] = OMNI_SPECIALS,
-                  non_special: frozenset[str] | set[str] | None = None) -> Tokenizer:
+                  non_special: frozenset[str] | set[str] | None = None, max_rank: int | None = None) -> Tokenizer:
     """Qwen2 tokenizer from a tiktoken rank file (`qwen.tiktoken`: base64 bytes, rank per line).
+
+    max_rank: keep only the tokens ranked below it (a consistent smaller BPE: every kept token's merge parts
+    rank lower), for small random checkpoints; the specials follow the kept ranks.
 
     non_special: which of `specials` decoding keeps; None: QWEN3_NON_SPECIAL for QWEN3_OMNI_SPECIALS,
     none for any other list (Qwen2.5-Omni's files mark every added token special).
@@ -92,7 +95,8 @@ def from_tiktoken(path: str | Path, specials: list[str] = OMNI_SPECIALS,
     for line in Path(path).read_text().splitlines():
         if line:
             b64, rank = line.split()
-            ranks[base64.b64decode(b64)] = int(rank)
+            if max_rank is None or int(rank) < max_rank:
+                ranks[base64.b64decode(b64)] = int(rank)
     byte_map = _bytes_to_unicode()
 
     def enc(b: bytes) -> str:

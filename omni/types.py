@@ -75,6 +75,7 @@ class ThinkerStep:
 class TextDelta:
     text: str
     token_id: int
+    reasoning: bool = False  # inside the model's reasoning block (<think>...</think>, markers included): not the answer
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import torch
 from omni.cache import KVCache
 from omni.layers import to_device
 from omni.media import MediaError
-from omni.pipeline import SAMPLE_RATE, SPEECH_SYSTEM_PROMPT, OmniModel, SpeechError, Voice, _Detokenizer, generators
+from omni.pipeline import SAMPLE_RATE, OmniModel, SpeechError, Voice, _Detokenizer, generators
 from omni.processor import Prompt
 from omni.sampling import SamplingParams, sample
 from omni.types import AudioDelta, Done, Error, Event, Message, Part, PromptStates, Text, TextDelta, ThinkerStep
@@ -75,7 +75,8 @@ class _Conv:
     slot: int
     system: str | None
     voice: str | None
-    next_position: int = 0  # rotary position of the next token to enter the cache
+    next_position: object = 0  # rotary position of the next token to enter the cache (the model's kind: an int,
+    # or Qwen3-Omni's NextPosition)
     pending: list[int] = field(default_factory=list)  # produced but not yet in the cache
     closed_reply: bool = True  # whether the last reply ended with <|im_end|>
     seen: torch.Tensor | None = None  # (V,) bool: tokens in the history (repetition penalty)
@@ -108,9 +109,12 @@ class _Turn:
     # value is read
     fed: tuple | None = None
     prefilled: bool = False
-    pos: int = 0
+    pos: object = 0  # as _Conv.next_position
     generated: int = 0
     detok: _Detokenizer | None = None
+    reasoning: bool = False  # inside the model's reasoning block (its think_ids): deltas are marked, not the answer
+    reasoning_detok: _Detokenizer | None = None
+    reasoning_tokens: int = 0
     first_token_at: float | None = None
     t_prefill: float = 0.0
     cached: int = 0  # history tokens reused from the cache
@@ -134,6 +138,15 @@ class _Turn:
     speech_cut: bool = False  # the speech was stopped by a limit (max_codes or max_output_tokens)
     t_first_audio: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) after the last event
+
+
+def _inside(ids: list[int], open_id: int, close_id: int) -> bool:
+    """Whether `ids` end inside an open block (the last `open_id` after the last `close_id`)."""
+    last = {open_id: -1, close_id: -1}
+    for i, x in enumerate(ids):
+        if x in last:
+            last[x] = i
+    return last[open_id] > last[close_id]
 
 
 class _Outbox:
@@ -256,9 +269,11 @@ class Conversation:
             except SpeechError as e:
                 yield Error("invalid_request", str(e))
                 return
-            if self._state.system not in (None, SPEECH_SYSTEM_PROMPT) and self._state.turns == 0:
-                log.warning("warning: a custom system prompt with audio output may degrade the voice (Qwen2.5-Omni's "
-                            "speech was trained with its own system prompt); put persona text in a user turn instead")
+            trained = eng.model.speech_system_prompt
+            if trained is not None and self._state.system not in (None, trained) and self._state.turns == 0:
+                log.warning("warning: a custom system prompt with audio output may degrade the voice (%s's speech "
+                            "was trained with its own system prompt); put persona text in a user turn instead",
+                            eng.model.family)
         self._consuming = True
         turn = None
         try:
@@ -319,6 +334,11 @@ class Conversation:
     @property
     def turns(self) -> int:
         return self._state.turns
+
+    @property
+    def default_system(self) -> str:
+        """The system prompt a conversation that sets none runs with ("" where the model's template has none)."""
+        return self._engine.model.default_system_prompt or ""
 
     def set_system(self, system: str | None) -> bool:
         """Set the system prompt; only before the first turn (after it, the prompt is in the cache).
@@ -502,6 +522,9 @@ class Engine:
         turn.pos = conv.next_position = p.next_position
         turn.prefilled = True
         turn.detok = _Detokenizer(m.processor.tok)
+        if m.think_ids is not None:  # a template may open the block itself: the reply then starts inside it
+            turn.reasoning_detok = _Detokenizer(m.processor.tok)
+            turn.reasoning = _inside(p.input_ids.tolist(), *m.think_ids)
         turn.t_prefill = time.perf_counter() - t0
         self._active.append(turn)
         self._sample([turn], logits, it, sampled)
@@ -514,7 +537,7 @@ class Engine:
         """
         m = self.model
         tokens = torch.cat([t.sampled for t in turns])[:, None]  # (B, 1) on the device
-        positions_host = torch.tensor([t.pos for t in turns]).view(1, -1, 1).expand(3, -1, -1)
+        positions_host = m.decode_positions([t.pos for t in turns])
         positions = to_device(positions_host, m.device)
         slots = torch.tensor([t.conv.slot for t in turns])
         embeds, hidden, logits = m.decode(tokens, positions, self._cache, slots)  # logits (B, V)
@@ -563,11 +586,24 @@ class Engine:
                 self._text_end(t, "completed")
                 continue
             t.generated += 1
-            t.emit.put(TextDelta(t.detok.push(tok), tok))
+            t.emit.put(self._delta(t, tok))
             if t.fed is not None:
                 self._confirm(t, tok)
             else:
                 t.sampled_value = tok
+
+    def _delta(self, t: _Turn, tok: int) -> TextDelta:
+        """The text a reply token adds, marked when it belongs to the reasoning block (the markers' own text is
+        left out: `<think>` opens the block, `</think>` closes it)."""
+        think = self.model.think_ids
+        if think is not None and tok in think:
+            t.reasoning_tokens += 1
+            t.reasoning = tok == think[0]
+            return TextDelta("", tok, reasoning=True)
+        if t.reasoning:
+            t.reasoning_tokens += 1
+            return TextDelta(t.reasoning_detok.push(tok), tok, reasoning=True)
+        return TextDelta(t.detok.push(tok), tok)
 
     def _confirm(self, t: _Turn, tok: int) -> None:
         """The token `t.fed` fed is known and not a stop: its step joins the history and the Talker."""
@@ -678,7 +714,7 @@ class Engine:
         else:
             now = time.perf_counter()
             usage = {"prompt_tokens": len(turn.prompt), "cached_tokens": turn.cached,
-                     "completion_tokens": turn.generated,
+                     "completion_tokens": turn.generated, "reasoning_tokens": turn.reasoning_tokens,
                      "prompt_token_kinds": turn.kinds or self.model.processor.token_kinds(turn.prompt.input_ids),
                      "cached_token_kinds": turn.cached_kinds or {"text": 0, "audio": 0, "image": 0}}
             if turn.speech:

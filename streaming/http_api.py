@@ -207,7 +207,10 @@ class _Run:
             self.conv.cancel(reason)
 
     async def events(self):
-        """('text', str) and ('audio', pcm bytes) pieces; self.final is set at the end."""
+        """('text', str), ('reasoning', str) and ('audio', pcm bytes) pieces; self.final is set at the end.
+
+        A reasoning model's <think> block is `reasoning` (`reasoning_content` in the reply, as vLLM and
+        DeepSeek's API give it): never the answer's text, never spoken, not matched against `stop`."""
         p = self.plan
         hold = max((len(s) for s in p.stop), default=1) - 1
         buf = ""
@@ -217,6 +220,9 @@ class _Run:
                                           seed=p.seed, role=p.role, **kw):
             if isinstance(ev, TextDelta):
                 if self.stopped or not ev.text:
+                    continue
+                if ev.reasoning:
+                    yield "reasoning", ev.text
                     continue
                 buf += ev.text
                 hits = [i for i in (buf.find(s) for s in p.stop) if i >= 0]
@@ -264,7 +270,7 @@ class _Run:
                  "total_tokens": prompt + u.get("completion_tokens", 0) + codec,
                  "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0), "audio_tokens": kinds["audio"],
                                            "image_tokens": kinds["image"], "text_tokens": kinds["text"]},
-                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": codec,
+                 "completion_tokens_details": {"reasoning_tokens": u.get("reasoning_tokens", 0), "audio_tokens": codec,
                                                "text_tokens": u.get("completion_tokens", 0)}}
         if self.plan.speech:
             usage["audio_seconds"] = u.get("audio_seconds", 0.0)
@@ -272,12 +278,14 @@ class _Run:
         return finish, usage, f.timings
 
     async def whole(self, reply: _Reply) -> None:
-        text, pcm = [], bytearray()
+        text, reasoning, pcm = [], [], bytearray()
         async for kind, data in self.events():
-            (text.append if kind == "text" else pcm.extend)(data)
+            {"text": text.append, "reasoning": reasoning.append, "audio": pcm.extend}[kind](data)
         finish, usage, timings = self._outcome()
         text = "".join(text)
         message = {"role": "assistant", "content": text, "refusal": None}
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
         if self.plan.speech:
             audio = await asyncio.to_thread(AudioEncoder(self.plan.audio_format).whole, bytes(pcm))
             expires = self.api.requests.remember(self.audio_id, text)
@@ -318,7 +326,9 @@ class _Run:
                 if first:
                     await open_stream()
                     first = False
-                if kind == "text":
+                if kind == "reasoning":
+                    await reply.body(self._chunk({"reasoning_content": data}), True)
+                elif kind == "text":
                     transcript.append(data)
                     delta = {"audio": {"id": self.audio_id, "transcript": data}} if p.speech else {"content": data}
                     await reply.body(self._chunk(delta), True)

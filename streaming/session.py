@@ -26,7 +26,6 @@ import av
 import numpy as np
 
 from omni import media
-from omni.processor import DEFAULT_SYSTEM_PROMPT
 from omni.types import Audio, AudioDelta, Done, Error, Image, Part, Text, TextDelta, Video
 from streaming.metrics import Metrics
 from streaming.protocol import (OPENAI_VOICES, Dialect, ProtocolError, ResponseOptions, SessionConfig, b64decode,
@@ -204,7 +203,7 @@ class Session:
     def _session(self) -> dict:
         cfg = self.cfg
         if cfg.instructions is None:
-            cfg = replace(cfg, instructions=DEFAULT_SYSTEM_PROMPT)
+            cfg = replace(cfg, instructions=self.conv.default_system)
         return self.dialect.session(cfg, self.id, self.model_name)
 
     async def handle(self, message: str | bytes) -> None:
@@ -425,7 +424,7 @@ class Session:
             raise ProtocolError("the conversation already has an active response; cancel it or wait for "
                                 "response.done", "conversation_already_has_active_response", None, event_id)
         parts = self.pending
-        instr = opts.instructions if opts.instructions != DEFAULT_SYSTEM_PROMPT else None
+        instr = opts.instructions if opts.instructions != self.conv.default_system else None
         if self._turns == 0:
             self._system_sent = instr
             self.conv.set_system(instr)
@@ -462,6 +461,8 @@ class Session:
             async for ev in self.conv.respond(parts, modalities=modalities, max_new_tokens=r.opts.max_output_tokens,
                                               max_output_tokens=r.opts.max_output_tokens, **kw):
                 if isinstance(ev, TextDelta):
+                    if ev.reasoning:  # the Realtime protocol has no reasoning channel: the answer only
+                        continue
                     text.append(ev.text)
                     if ev.text:
                         kind = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"

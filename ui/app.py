@@ -138,10 +138,11 @@ class OmniUI:
         line = (f"**Model:** `{shown}` · {speech} · up to {cfg.max_sessions} sessions, "
                 f"{cfg.max_new_tokens} tokens per reply")
         if embedded.is_embedded(path):
-            line += ("\n\n<div id='omni-note'>⚠️ This is the <b>embedded default</b> model: a tiny, randomly "
-                     "initialised Qwen2.5-Omni made by this project so every code path runs with no download. "
+            family = getattr(model, "family", "model")
+            line += ("\n\n<div id='omni-note'>⚠️ This is an <b>embedded</b> model: a tiny, randomly "
+                     f"initialised {family} made by this project so every code path runs with no download. "
                      "<b>Its replies are not meaningful.</b> For real answers restart with a real checkpoint: "
-                     "<code>omni serve --model /path/to/Qwen2.5-Omni-7B</code> (or -3B; add "
+                     "<code>omni serve --model /path/to/Qwen2.5-Omni-7B</code> (or Qwen3-Omni-30B-A3B-Instruct; add "
                      "<code>--device cuda</code> on a GPU).</div>")
         return line
 
@@ -168,8 +169,9 @@ class OmniUI:
                     log.exception("ui: closing an idle session failed")
 
     def build(self):
-        with gr.Blocks(title="omni: Qwen2.5-Omni", analytics_enabled=False) as demo:
-            gr.Markdown("## omni · talk to Qwen2.5-Omni\nSpeak (microphone, camera optional) or type with "
+        family = getattr(self.engine.model, "family", "omni")
+        with gr.Blocks(title=f"omni: {family}", analytics_enabled=False) as demo:
+            gr.Markdown(f"## omni · talk to {family}\nSpeak (microphone, camera optional) or type with "
                         "attachments; the reply is spoken while it is being written.")
             gr.Markdown(self.model_info(), elem_id="omni-model")
             notice = gr.Markdown("", elem_id="omni-notice")
@@ -225,9 +227,7 @@ class OmniUI:
         s = t.session
         instr = None
         if s is not None:
-            from omni.processor import DEFAULT_SYSTEM_PROMPT
-
-            instr = s.cfg.instructions or DEFAULT_SYSTEM_PROMPT
+            instr = s.cfg.instructions or s.conv.default_system
         return *self._shown(t), instr
 
     async def on_unload(self, request: gr.Request):

@@ -150,7 +150,7 @@ def _one_line(msg: str) -> str:
 
 class _Job:
     def __init__(self, engine, items: list[Item], out: Path, options: CaptionOptions, model_id: str,
-                 progress: TextIO | None):
+                 progress: TextIO | None, captioner: bool):
         self.engine, self.out, self.o, self.model_id = engine, Path(out), options, model_id
         self.log = RecordLog(self.out)
         self.summary = Summary(total=len(items), repaired=bool(self.log.repaired))
@@ -158,9 +158,12 @@ class _Job:
         self.prompts: dict[Item, str | None] = {}
         self.todo: list[Item] = []
         kopts = options.key_options()
+        # A captioning model (Qwen3-Omni-Captioner) takes an audio-only user turn: no instruction by default.
+        self.captioner = captioner
+        self.default_prompt = "" if self.captioner else DEFAULT_PROMPT
         for it in items:
             prompt = it.prompt if it.prompt is not None else options.prompt
-            key = record_key(it, prompt if prompt is not None else DEFAULT_PROMPT, kopts, model_id)
+            key = record_key(it, prompt if prompt is not None else self.default_prompt, kopts, model_id)
             self.keys[it], self.prompts[it] = key, prompt
             rec = self.log.records.get(key)
             if rec is None or (options.retry_failed and rec.get("status") != "ok"):
@@ -303,7 +306,10 @@ class _Job:
         from omni.types import AudioDelta, Done, Error, Text, TextDelta
 
         st = self.state[it]
-        prompt = self.prompts[it] or DEFAULT_PROMPT.format(kind=st.plan.kind)
+        prompt = self.prompts[it] or self.default_prompt.format(kind=st.plan.kind)
+        if self.captioner and st.plan.kind != "audio":
+            return self._fail(it, f"{it.path}: a captioning model (Qwen3-Omni-Captioner) describes audio only; "
+                                  "caption video with an Instruct or Thinking checkpoint")
         modalities = ("text", "audio") if self.o.speak else ("text",)
         text, pcm, end = [], [], None
         conv = await self._open()
@@ -311,10 +317,11 @@ class _Job:
             self._busy_since = time.perf_counter()
         self._inflight += 1
         try:
-            async for ev in conv.respond([seg.part, Text(prompt)], modalities=modalities,
+            async for ev in conv.respond([seg.part] + ([Text(prompt)] if prompt else []), modalities=modalities,
                                          max_new_tokens=self.o.max_new_tokens, seed=self.o.seed):
                 if isinstance(ev, TextDelta):
-                    text.append(ev.text)
+                    if not ev.reasoning:  # a reasoning model's <think> block is not the caption
+                        text.append(ev.text)
                 elif isinstance(ev, AudioDelta):
                     pcm.append(ev.pcm)
                     st.sample_rate = ev.sample_rate
@@ -363,7 +370,7 @@ class _Job:
         rec = {**self._base(it), "status": "ok", "kind": plan.kind, "duration": plan.duration,
                "has_audio": plan.has_audio}
         if rec["prompt"] is None:
-            rec["prompt"] = DEFAULT_PROMPT.format(kind=plan.kind)
+            rec["prompt"] = self.default_prompt.format(kind=plan.kind)
         rec["text"] = "\n".join(t.strip() for _, t, _, _ in segs)
         rec["segments"] = [{"start": s.start, "end": s.end, "text": t, "finish": d.status} for s, t, _, d in segs]
         rec["usage"] = {k: sum(d.usage.get(k, 0) for _, _, _, d in segs)
@@ -398,13 +405,17 @@ class SpeechUnavailable(RuntimeError):
 
 
 def run_caption(engine, items: list[Item], out: str | Path, options: CaptionOptions = CaptionOptions(),
-                model_id: str = "model", progress: TextIO | None = sys.stderr) -> Summary:
+                model_id: str = "model", progress: TextIO | None = sys.stderr, captioner: bool | None = None) -> Summary:
     """Caption `items` through `engine`, appending to the JSONL `out`; returns the summary (exit
     code in `summary.exit_code`). `engine` is an Engine (max_sessions >= options.batch_size) or a
-    function making one, called only when something is left to do (then shut down here)."""
+    function making one, called only when something is left to do (then shut down here).
+    captioner: whether the model is a captioning-only one (omni.models.is_captioner); None: the Engine's
+    model says."""
     if options.speak:
         Path(options.speak).mkdir(parents=True, exist_ok=True)
-    job = _Job(engine, items, Path(out), options, model_id, progress)
+    if captioner is None:
+        captioner = bool(getattr(getattr(engine, "model", None), "captioner", False))
+    job = _Job(engine, items, Path(out), options, model_id, progress, captioner)
     owned = None
     try:
         if job.todo and not hasattr(engine, "open_conversation"):
@@ -492,7 +503,7 @@ def cmd_caption(args) -> int:
         raise UserError(f"--out must name a .jsonl file; got {out}")
     model_dir = resolve_model(args.model)
 
-    from omni.models import load_model
+    from omni.models import is_captioner, load_model
     from streaming.engine import Engine, EngineConfig
 
     def engine():
@@ -503,7 +514,7 @@ def cmd_caption(args) -> int:
 
     try:
         summary = run_caption(engine, items, out, options, model_identity(model_dir),
-                              None if args.quiet else sys.stderr)
+                              None if args.quiet else sys.stderr, captioner=is_captioner(model_dir))
     except (LogBusy, SpeechUnavailable) as e:
         raise UserError(str(e)) from None
     summary.ignored = ignored
