@@ -310,3 +310,65 @@ def test_a_reasoning_block_is_marked_apart_from_the_answer(model, monkeypatch):
     assert "".join(e.text for e in deltas if e.reasoning) == tok.decode(tokens[a + 1:b])
     assert "".join(e.text for e in deltas if not e.reasoning) == tok.decode(tokens[:a]) + tok.decode(tokens[b + 1:])
     assert events[-1].usage["reasoning_tokens"] == b - a + 1
+
+
+def test_chat_completions_and_realtime_serve_the_embedded_qwen3(embedded_qwen3, files, monkeypatch):
+    """The server above the engine is unchanged: the openai SDK's chat completions (whole and streamed, with an
+    image; a reasoning block as `reasoning_content`), a request for audio refused with the reason, and a
+    Realtime text turn over raw websockets, every event validated by the SDK's types."""
+    import base64
+
+    from openai import BadRequestError, OpenAI
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from streaming.protocol import SessionConfig
+    from streaming.server import ServerConfig
+    from tests.realtime import Raw, ServerThread
+
+    model = load_model(embedded_qwen3)
+    eng = Engine(model, EngineConfig(max_sessions=2, max_context=4096, max_new_tokens=12))
+    srv = ServerThread(eng, ServerConfig(port=0, defaults=SessionConfig(turn_detection=None)))
+    try:
+        api = OpenAI(api_key="x", base_url=f"http://127.0.0.1:{srv.port}/v1", max_retries=0)
+        png = base64.b64encode((files / "cat.png").read_bytes()).decode()
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
+                                             {"type": "text", "text": "What is this?"}]}]
+        whole = api.chat.completions.create(model="omni", messages=msgs, temperature=0, max_completion_tokens=12)
+        ChatCompletion.model_validate(whole.model_dump())
+        text = whole.choices[0].message.content
+        assert text and whole.usage.prompt_tokens_details.image_tokens > 0
+        with pytest.raises(BadRequestError, match="cannot speak"):
+            api.chat.completions.create(model="omni", messages=msgs, modalities=["text", "audio"],
+                                        audio={"voice": "Ethan", "format": "wav"})
+        # a reasoning block: two tokens of this very reply stand in for <think> and </think>
+        ids, _ = asyncio.run(collect(eng.open_conversation(), [Image(files / "cat.png"), "What is this?"]))
+        assert model.processor.tok.decode(ids) == text  # the very reply the API gave
+        monkeypatch.setattr(model, "think_ids", (ids[1], ids[4]))
+        chunks = list(api.chat.completions.create(model="omni", messages=msgs, temperature=0,
+                                                  max_completion_tokens=12, stream=True))
+        for c in chunks:
+            ChatCompletionChunk.model_validate(c.model_dump())
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        answer = "".join(d.content or "" for d in deltas)
+        assert reasoning and answer and reasoning not in answer
+        monkeypatch.undo()
+
+        async def realtime():
+            rt = await Raw.connect(f"ws://127.0.0.1:{srv.port}/v1/realtime")
+            created = (await rt.until("session.created"))[-1]
+            assert created["session"]["instructions"] == ""  # Qwen3's template has no default system prompt
+            await rt.send(type="session.update", session={"type": "realtime", "output_modalities": ["text"]})
+            await rt.until("session.updated")
+            await rt.send(type="conversation.item.create", item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Hi there!"}]})
+            await rt.send(type="response.create")
+            done = (await rt.until("response.done"))[-1]
+            await rt.close()
+            return done
+
+        done = asyncio.run(realtime())
+        assert done["response"]["output"][0]["content"][0]["text"] and done["response"]["usage"]["output_tokens"] == 12
+    finally:
+        srv.stop()
+        eng.shutdown()
