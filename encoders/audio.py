@@ -39,11 +39,11 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, k_bias: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=k_bias)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -54,10 +54,10 @@ class Attention(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: AudioConfig):
+    def __init__(self, cfg: AudioConfig, k_bias: bool = False):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = Attention(d, cfg.encoder_attention_heads)
+        self.self_attn = Attention(d, cfg.encoder_attention_heads, k_bias)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.vision import varlen_attention
+from encoders import audio
 from omni.layers import activation
 
 CHUNK_FRAMES = 100  # n_window * 2: the only chunk the reference's token count (13 per chunk) is right for
@@ -134,36 +134,16 @@ class Sinusoids(nn.Module):
         return self.positional_embedding[positions.to(self.positional_embedding.device)]
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+class Layer(audio.Layer):
+    """Qwen2.5-Omni's audio encoder layer (encoders/audio.py) with a biased k projection, and fp16 activations
+    clamped finite as the reference does."""
 
-    def forward(self, x: torch.Tensor, cu: list[int]) -> torch.Tensor:  # (T, D) -> (T, D)
-        T = x.shape[0]
-        q, k, v = (m(x).view(T, self.num_heads, -1) for m in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(varlen_attention(q, k, v, cu).reshape(T, -1))
-
-
-class Layer(nn.Module):
     def __init__(self, cfg: Qwen3OmniAudioConfig):
-        super().__init__()
-        d = cfg.d_model
-        self.self_attn = Attention(d, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d)
-        self.act = activation(cfg.activation_function)
+        super().__init__(cfg, k_bias=True)
 
     def forward(self, x: torch.Tensor, cu: list[int]) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu)
-        x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        if x.dtype == torch.float16:  # as the reference: keep fp16 activations finite
+        x = super().forward(x, cu)
+        if x.dtype == torch.float16:
             big = torch.finfo(x.dtype).max - 1000
             x = x.clamp(-big, big)
         return x

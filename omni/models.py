@@ -1,20 +1,58 @@
 """The model families omni serves, chosen by `config.json`'s `model_type`.
 
-Each family's model object offers the interface the engine drives (`vocab_size`, `allocate_cache`,
-`prefill`, `decode`, its processor, stop ids, sampling defaults, and its speech part or None); servers,
-the web demo, jobs and the CLI load a model only through `load_model` and never name a family.
+Each family's model object offers the interface the engine drives, and nothing above the engine reaches
+further in:
+- the Thinker: `vocab_size`, `allocate_cache(n_slots, max_len)`, `prefill(prompt, cache, slot)` (a turn into a
+  conversation's slot after what it holds), `decode(tokens, positions, cache, slots)` (one batched step over
+  many conversations), `decode_positions(next_positions)`, its `processor`, `stop_ids`, `think_ids` (a
+  reasoning block's markers, or None), `default_sampling(greedy)`;
+- the speech part, `speech` (None when the checkpoint cannot speak, `speech_error` then says why):
+  `codec_hz`, `sample_rate`, `allocate_cache`, `start` (a reply's speech from its first token), `push`,
+  `ready`, `step_batch` (one batched codec step), `add_codes`, `codes_until_ready`, `vocode` (batched
+  vocoder windows), with `voice(name)`, `voices` and `talker_sampling(greedy)` on the model;
+- and what the servers show: `family`, `path`, `default_system_prompt`, `speech_system_prompt`, `captioner`.
+Servers, the web demo, jobs and the CLI load a model only through `load_model` and never name a family.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from omni.config import ConfigError, read_config
+from omni.sampling import SamplingParams, from_generation_config
 
 FAMILIES = {
     "qwen2_5_omni": "Qwen2.5-Omni",
     "qwen3_omni_moe": "Qwen3-Omni",
 }
+
+
+class ThinkerModel:
+    """What every family's model shares: a Thinker at `thinker` (its decoder `thinker.model`, `thinker.lm_head`),
+    `cfg.thinker_config`, `generation` (generation_config.json). A conversation is a slot of a KV cache the
+    model allocates; a turn is prefilled into its slot (the family's `prefill`); one decode step runs many."""
+
+    def default_sampling(self, greedy: bool = False) -> SamplingParams:
+        """The checkpoint's generation_config.json, else Qwen's usual chat settings; or greedy."""
+        return from_generation_config(self.generation, greedy)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.thinker_config.text_config.vocab_size
+
+    def allocate_cache(self, n_slots: int, max_len: int):
+        return self.thinker.model.allocate_cache(n_slots, max_len)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of B conversations: tokens (B, 1) at positions (3, B, 1) -> (embeds, hidden, logits (B, V))."""
+        th = self.thinker
+        embeds = th.model.embed_tokens(tokens)
+        hidden = th(embeds, positions, cache, slots)
+        return embeds, hidden, th.lm_head(hidden[:, -1])
 
 
 def model_type(path: str | Path) -> str:

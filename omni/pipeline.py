@@ -17,13 +17,15 @@ import torch
 
 from omni.cache import KVCache
 from omni.config import OmniConfig, Token2WavConfig
+from omni.models import ThinkerModel
 from omni.processor import DEFAULT_SYSTEM_PROMPT, MediaOptions, Processor, Prompt
-from omni.sampling import SamplingParams, from_generation_config, sample
+from omni.sampling import SamplingParams, sample
 from omni.thinker import Thinker
 from omni.types import PromptStates, ThinkerStep
 from omni.weights import Checkpoint, empty_params, load_module
 from talker.bigvgan import BigVGAN
 from talker.dit import DiT, sample_mel
+from talker import talker as talker_lib
 from talker.talker import TALKER_GREEDY, TALKER_SAMPLING, Talker, generate_codes
 from talker.token2wav import StreamOptions, Token2Wav, draw_stream_noise
 
@@ -108,7 +110,57 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class OmniModel:
+class Speech:
+    """Qwen2.5-Omni's speech part as the engine drives it (omni.models: "the speech part"): the Talker makes
+    codec codes from the conversation's Thinker states, Token2Wav turns them into 24 kHz waves in windows.
+
+    A conversation's speech is two states: the Talker's (`finished`, `codes`, `reset()`) and the vocoder's
+    (`finished`); nothing per request lives here.
+    """
+
+    codec_hz = 50  # Talker codes per second of speech
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, talker: Talker, token2wav: Token2Wav, thinker_embed: torch.nn.Embedding):
+        self.talker, self.token2wav, self.thinker_embed = talker, token2wav, thinker_embed
+
+    def allocate_cache(self, n_slots: int, max_context: int, max_codes: int) -> KVCache:
+        """The Talker's KV rows: its prefill spans the conversation, then its codes."""
+        return self.talker.model.allocate_cache(n_slots, max_context + 2 + max_codes)
+
+    def start(self, cache: KVCache, slot: int, history: PromptStates, voice: Voice, first: ThinkerStep,
+              noise_generator: torch.Generator | None) -> tuple:
+        """A reply's speech from its first token: (Talker state, vocoder state)."""
+        state = talker_lib.start(self.talker, self.thinker_embed, history, voice.bos_token, first, cache=cache,
+                                 slot=slot)
+        return state, self.token2wav.start(voice.cond, voice.ref_mel, noise_generator)
+
+    @staticmethod
+    def push(state, step: ThinkerStep | None) -> None:
+        """The next reply token's states (None: the reply's text has ended)."""
+        talker_lib.push(state, step)
+
+    @staticmethod
+    def ready(state) -> bool:
+        return talker_lib.ready(state)
+
+    def step_batch(self, states: list, samplings: list[SamplingParams], generators: list, min_codes: list[int]) -> list:
+        """The next code of every `ready` state, in one batched step (None where the utterance ended)."""
+        return talker_lib.step_batch(self.talker, states, samplings, generators, min_codes)
+
+    def add_codes(self, vstate, codes: list[int]) -> None:
+        self.token2wav.add(vstate, codes)
+
+    def codes_until_ready(self, vstate) -> int:
+        """How many more codes the vocoder's next window needs (0: it can run now)."""
+        return self.token2wav.codes_until_ready(vstate)
+
+    def vocode(self, vstates: list) -> list[list[torch.Tensor]]:
+        """Every ready window of several utterances, batched: each one's new final wave chunks."""
+        return self.token2wav.advance(vstates)
+
+
+class OmniModel(ThinkerModel):
     family = "Qwen2.5-Omni"
     default_system_prompt = DEFAULT_SYSTEM_PROMPT  # the chat template's, when a conversation sets none
     speech_system_prompt = SPEECH_SYSTEM_PROMPT  # the one its voice was trained with
@@ -122,6 +174,8 @@ class OmniModel:
         self.device, self.dtype = device, dtype
         self.generation = generation
         self.talker, self.token2wav, self.voices = talker, token2wav, voices or {}
+        self.speech = Speech(talker, token2wav, thinker.model.embed_tokens) if talker is not None else None
+        self.speech_error = None if talker is not None else f"{path}: speech output is not loaded"
         tok = processor.tok
         self.stop_ids = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
 
@@ -157,32 +211,19 @@ class OmniModel:
         return cls(path, cfg, thinker, processor, device_t, dtype, generation, talker, token2wav, voices)
 
     def voice(self, name: str | None) -> Voice:
-        if self.talker is None:
-            raise SpeechError(f"{self.path}: speech output is not loaded")
+        if self.speech is None:
+            raise SpeechError(self.speech_error)
         name = name or ("Chelsie" if "Chelsie" in self.voices else next(iter(self.voices)))
         if name not in self.voices:
             raise SpeechError(f"unknown voice {name!r}; this checkpoint has: {', '.join(sorted(self.voices))}")
         return self.voices[name]
 
-    codec_hz = 50  # Talker codes per second of speech
-
     def talker_sampling(self, greedy: bool = False) -> SamplingParams:
         """The Talker's sampling as the reference's generate does it (greedy: talker_do_sample=False)."""
         return TALKER_GREEDY if greedy else TALKER_SAMPLING
 
-    def default_sampling(self, greedy: bool = False) -> SamplingParams:
-        """The checkpoint's generation_config.json, else Qwen2.5's usual chat settings; or greedy."""
-        return from_generation_config(self.generation, greedy)
-
-    # The interface the engine drives, the same for every family: a conversation is a slot of a KV cache
-    # the model allocates; a turn is prefilled into its slot; one decode step runs many slots at once.
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.thinker_config.text_config.vocab_size
-
-    def allocate_cache(self, n_slots: int, max_len: int) -> KVCache:
-        return self.thinker.model.allocate_cache(n_slots, max_len)
+    # The interface the engine drives (omni.models; vocab_size, allocate_cache, decode, default_sampling are
+    # ThinkerModel's).
 
     @staticmethod
     def decode_positions(next_positions: list[int]) -> torch.Tensor:
@@ -195,15 +236,6 @@ class OmniModel:
         embeds = self.embed_prompt(prompt)
         hidden = self.thinker(embeds, prompt.positions[:, None].to(self.device), cache, torch.tensor([slot]))
         return embeds, hidden, self.thinker.lm_head(hidden[:, -1])
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step of B conversations: tokens (B, 1) at positions (3, B, 1) -> (embeds, hidden, logits (B, V))."""
-        th = self.thinker
-        embeds = th.model.embed_tokens(tokens)
-        hidden = th(embeds, positions, cache, slots)
-        return embeds, hidden, th.lm_head(hidden[:, -1])
 
     @torch.inference_mode()
     def embed_prompt(self, prompt: Prompt) -> torch.Tensor:

@@ -38,8 +38,8 @@ class Prompt:
     """Everything the Thinker needs for one prefill."""
 
     input_ids: torch.Tensor  # (L,) int64
-    positions: torch.Tensor  # (3, L) int64 TMRoPE positions
-    next_position: int  # rotary position of the first generated token
+    positions: torch.Tensor  # (3, L) TMRoPE positions: int64 (Qwen2.5), float32 (Qwen3-Omni)
+    next_position: object  # rotary position of the first generated token: an int, or Qwen3's NextPosition
     media: list[MediaSpec] = field(default_factory=list)  # in prompt order
     pixel_values: torch.Tensor | None = None  # (N_patches, C*2*14*14) images
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
@@ -51,6 +51,25 @@ class Prompt:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, positions: torch.Tensor, next_position, specs: list[MediaSpec],
+           images: list, videos: list, audios: list) -> "Prompt":
+        """A prompt with its featurised media, in prompt order: images [(pixels, grid_thw)], videos
+        [(pixels, grid_thw, second_per_grid)], audios [log-mel (n_mels, frames)]; a grid is 3 ints or (k, 3)."""
+        grids = lambda items: torch.cat([torch.as_tensor(x[1]).reshape(-1, 3) for x in items])  # noqa: E731
+        prompt = cls(input_ids=input_ids, positions=positions, next_position=next_position, media=specs)
+        if images:
+            prompt.pixel_values = torch.cat([pv for pv, _ in images])
+            prompt.image_grid_thw = grids(images)
+        if videos:
+            prompt.pixel_values_videos = torch.cat([pv for pv, _, _ in videos])
+            prompt.video_grid_thw = grids(videos)
+            prompt.video_second_per_grid = [s for _, _, s in videos]
+        if audios:
+            prompt.audio_features = torch.cat(audios, dim=-1)
+            prompt.audio_feature_lens = torch.tensor([a.shape[-1] for a in audios], dtype=torch.long)
+        return prompt
 
     def padded_audio(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio features as the Whisper-style batch transformers takes: (n_clips, n_mels, max_frames)
@@ -149,18 +168,7 @@ class Processor:
         ids = list(prefix_ids or []) + self._expand(self.tok.encode(text), specs)
         input_ids = torch.tensor(ids, dtype=torch.long)
         positions, next_position = rope_positions(input_ids, specs, self.rope, start=start)
-        prompt = Prompt(input_ids=input_ids, positions=positions, next_position=next_position, media=specs)
-        if images:
-            prompt.pixel_values = torch.cat([pv for pv, _ in images])
-            prompt.image_grid_thw = torch.cat([g for _, g in images])
-        if videos:
-            prompt.pixel_values_videos = torch.cat([pv for pv, _, _ in videos])
-            prompt.video_grid_thw = torch.cat([g for _, g, _ in videos])
-            prompt.video_second_per_grid = [s for _, _, s in videos]
-        if audios:
-            prompt.audio_features = torch.cat(audios, dim=-1)
-            prompt.audio_feature_lens = torch.tensor([a.shape[-1] for a in audios], dtype=torch.long)
-        return prompt
+        return Prompt.of(input_ids, positions, next_position, specs, images, videos, audios)
 
     def _featurise(self, p: Image | Audio | Video, images: list, videos: list, audios: list) -> MediaSpec:
         """Decode and featurise one media part, appending to the lists; returns its position spec."""

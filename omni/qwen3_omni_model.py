@@ -18,24 +18,23 @@ from pathlib import Path
 import torch
 
 from omni.cache import KVCache
-from omni.models import is_captioner
+from omni.models import ThinkerModel, is_captioner
 from omni.processor import MediaOptions, Prompt
 from omni.qwen3_omni_config import Qwen3OmniConfig
 from omni.qwen3_omni_processor import Qwen3OmniProcessor
 from omni.qwen3_omni_rope import decode_positions
 from omni.qwen3_omni_thinker import Thinker
-from omni.sampling import SamplingParams, from_generation_config
+from omni.sampling import SamplingParams
 from omni.weights import Checkpoint, empty_params, load_module
 
 FAMILY = "Qwen3-Omni"
 
 
-class Qwen3OmniModel:
+class Qwen3OmniModel(ThinkerModel):
     family = FAMILY
-    codec_hz = 12.5  # Code2Wav frames per second of speech
     default_system_prompt = None  # the chat template adds none
     speech_system_prompt = None  # any system prompt may go with speech
-    talker = token2wav = None
+    speech = None  # the speech part (omni.models): not in this release
     voices: dict = {}
 
     def __init__(self, path: Path, cfg: Qwen3OmniConfig, thinker: Thinker, processor: Qwen3OmniProcessor,
@@ -48,6 +47,7 @@ class Qwen3OmniModel:
         self.stop_ids = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>"), *eos}
         self.think_ids = processor.think_ids
         self.captioner = is_captioner(path)  # describes audio from an audio-only user turn
+        self.speech_error = self._no_speech(path, cfg)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -79,23 +79,12 @@ class Qwen3OmniModel:
     def voice(self, name: str | None):
         from omni.pipeline import SpeechError
 
-        raise SpeechError(self._no_speech(self.path, self.cfg))
-
-    def default_sampling(self, greedy: bool = False) -> SamplingParams:
-        """The checkpoint's generation_config.json, else the usual chat settings; or greedy."""
-        return from_generation_config(self.generation, greedy)
+        raise SpeechError(self.speech_error)
 
     def talker_sampling(self, greedy: bool = False) -> SamplingParams:
         return self.default_sampling(greedy)
 
-    # The engine's interface (omni.models).
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.thinker_config.text_config.vocab_size
-
-    def allocate_cache(self, n_slots: int, max_len: int) -> KVCache:
-        return self.thinker.model.allocate_cache(n_slots, max_len)
+    # The engine's interface (omni.models; vocab_size, allocate_cache, decode, default_sampling are ThinkerModel's).
 
     @staticmethod
     def decode_positions(next_positions: list) -> torch.Tensor:
@@ -115,13 +104,4 @@ class Qwen3OmniModel:
             audio = th.audio_tower(prompt.audio_features.to(dev, self.dtype), prompt.audio_feature_lens.tolist())
         embeds, deepstack = th.embed(prompt.input_ids[None].to(dev), image, video, audio)
         hidden = th(embeds, prompt.positions[:, None].to(dev), cache, torch.tensor([slot]), deepstack=deepstack)
-        return embeds, hidden, th.lm_head(hidden[:, -1])
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step of B conversations: tokens (B, 1) at positions (3, B, 1) -> (embeds, hidden, logits (B, V))."""
-        th = self.thinker
-        embeds = th.model.embed_tokens(tokens)
-        hidden = th(embeds, positions, cache, slots)
         return embeds, hidden, th.lm_head(hidden[:, -1])

@@ -197,18 +197,7 @@ class Qwen3OmniProcessor:
             audio_lengths=[a.shape[-1] for a in audios] or None,
             second_per_grids=[s for _, _, s in videos] or None,
             use_audio_in_video=any(aiv), tokens=self.rope, start=start)
-        prompt = Prompt(input_ids=input_ids, positions=positions, next_position=next_position, media=specs)
-        if images:
-            prompt.pixel_values = torch.cat([pv for pv, _ in images])
-            prompt.image_grid_thw = torch.tensor([g for _, g in images])
-        if videos:
-            prompt.pixel_values_videos = torch.cat([pv for pv, _, _ in videos])
-            prompt.video_grid_thw = torch.tensor([g for _, g, _ in videos])
-            prompt.video_second_per_grid = [s for _, _, s in videos]
-        if audios:
-            prompt.audio_features = torch.cat(audios, dim=-1)
-            prompt.audio_feature_lens = torch.tensor([a.shape[-1] for a in audios], dtype=torch.long)
-        return prompt
+        return Prompt.of(input_ids, positions, next_position, specs, images, videos, audios)
 
     @staticmethod
     def _name(p) -> str:

@@ -121,9 +121,11 @@ class ChatRequests:
         modalities = ("text", "audio") if "audio" in mods else ("text",)
         voice, fmt = None, "pcm16" if stream else "wav"
         if "audio" in modalities:
-            if self.engine.model.talker is None or not self.server.voices:
-                raise bad("this model cannot speak (no Talker or voices loaded); ask for modalities ['text']",
-                          "modalities", "unsupported_value")
+            model = self.engine.model
+            if model.speech is None or not self.server.voices:
+                why = model.speech_error or "no voices are loaded"
+                raise bad(f"this model cannot speak ({why}); ask for modalities ['text']", "modalities",
+                          "unsupported_value")
             audio = _opt(body, "audio", dict, None) or {}
             voice = audio.get("voice")
             if voice is not None:

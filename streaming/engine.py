@@ -37,12 +37,11 @@ import torch
 from omni.cache import KVCache
 from omni.layers import to_device
 from omni.media import MediaError
-from omni.pipeline import SAMPLE_RATE, OmniModel, SpeechError, Voice, _Detokenizer, generators
+from omni.pipeline import OmniModel, SpeechError, Voice, _Detokenizer, generators
 from omni.processor import Prompt
 from omni.sampling import SamplingParams, sample
 from omni.types import AudioDelta, Done, Error, Event, Message, Part, PromptStates, Text, TextDelta, ThinkerStep
 from omni.wav import to_pcm16
-from talker import talker as talker_lib
 
 log = logging.getLogger("omni.engine")
 
@@ -60,7 +59,7 @@ class EngineConfig:
     max_sessions: int = 8  # conversations at once (KV-cache slots)
     max_context: int = 8192  # tokens per conversation, history included
     max_new_tokens: int = 512  # default reply length limit
-    max_codes: int = 1500  # speech length limit per reply in codec tokens (model.codec_hz per second) ...
+    max_codes: int = 1500  # speech length limit per reply in codec tokens (the speech part's codec_hz per second) ...
     max_audio_s: float | None = None  # ... or in seconds of speech, when set (then max_codes is ignored)
     greedy: bool = False  # the default for turns that ask for no sampling: every stage takes its most likely token
     events_buffered: int = 64  # per response: the worker pauses a response whose consumer is this far behind
@@ -128,8 +127,8 @@ class _Turn:
     talker_generator: torch.Generator | None = None
     noise_generator: torch.Generator | None = None
     talker_prompt: PromptStates | None = None
-    talker: object = None  # talker.talker.TalkerState once the first reply token is fed
-    t2w: object = None  # talker.token2wav.Token2WavState
+    talker: object = None  # the speech part's codec state once the first reply token is fed (finished, codes)
+    t2w: object = None  # the speech part's vocoder state (finished)
     min_new_tokens: int = 0
     min_codes: int = 0
     audio_index: int = 0
@@ -366,12 +365,12 @@ class Engine:
     def __init__(self, model: OmniModel, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
         self._cache: KVCache = model.allocate_cache(config.max_sessions, config.max_context)
-        self._talker_cache: KVCache | None = None
-        self.max_codes = (config.max_codes if config.max_audio_s is None
-                          else max(1, round(config.max_audio_s * model.codec_hz)))
-        if model.talker is not None:  # the Talker's prefill spans the conversation, then its codes
-            self._talker_cache = model.talker.model.allocate_cache(config.max_sessions,
-                                                                   config.max_context + 2 + self.max_codes)
+        self.speech = model.speech  # the model's speech part, or None: it cannot speak
+        self._talker_cache = None
+        self.max_codes = (config.max_codes if config.max_audio_s is None or self.speech is None
+                          else max(1, round(config.max_audio_s * self.speech.codec_hz)))
+        if self.speech is not None:
+            self._talker_cache = self.speech.allocate_cache(config.max_sessions, config.max_context, self.max_codes)
         self._free = list(range(config.max_sessions))
         self._stop_ids = torch.tensor(sorted(model.stop_ids), device=model.device)
         self._slots_lock = threading.Lock()
@@ -399,7 +398,7 @@ class Engine:
         self._cache.reset(slot)
         vocab = self.model.vocab_size
         state = _Conv(slot, system, voice, seen=torch.zeros(vocab, dtype=torch.bool, device=self.model.device),
-                      history=[] if self.model.talker is not None else None)
+                      history=[] if self.speech is not None else None)
         return Conversation(self, state)
 
     @property
@@ -447,7 +446,7 @@ class Engine:
                 for t in [t for t in self._active if t.sampled_value is not None and not t.text_done
                           and (t.sampled_count >= t.max_new_tokens or _room(t) <= 0)]:
                     self._limit(t)
-                speaking = [t for t in self._active if t.talker is not None and talker_lib.ready(t.talker)
+                speaking = [t for t in self._active if t.talker is not None and self.speech.ready(t.talker)
                             and not t.emit.full()]
                 if speaking:
                     self._speak(speaking)
@@ -627,13 +626,11 @@ class Engine:
         self._text_end(t, "incomplete")
 
     def _feed_talker(self, t: _Turn, step: ThinkerStep) -> None:
-        m = self.model
         if t.talker is None:
-            t.talker = talker_lib.start(m.talker, m.thinker.model.embed_tokens, t.talker_prompt, t.voice.bos_token,
-                                        step, cache=self._talker_cache, slot=t.conv.slot)
-            t.t2w = m.token2wav.start(t.voice.cond, t.voice.ref_mel, t.noise_generator)
+            t.talker, t.t2w = self.speech.start(self._talker_cache, t.conv.slot, t.talker_prompt, t.voice, step,
+                                                t.noise_generator)
         else:
-            talker_lib.push(t.talker, step)
+            self.speech.push(t.talker, step)
 
     @torch.inference_mode()
     def _speak(self, turns: list[_Turn]) -> None:
@@ -641,24 +638,23 @@ class Engine:
         for t in [t for t in turns if _room(t) <= 0]:  # the output budget is spent: no more codes
             self._cut_speech(t)
         turns = [t for t in turns if not t.talker.finished]
-        codes = talker_lib.step_batch(self.model.talker, [t.talker for t in turns],
-                                      [t.talker_sampling for t in turns], [t.talker_generator for t in turns],
-                                      [t.min_codes for t in turns]) if turns else []
-        t2w = self.model.token2wav
+        sp = self.speech
+        codes = sp.step_batch([t.talker for t in turns], [t.talker_sampling for t in turns],
+                              [t.talker_generator for t in turns], [t.min_codes for t in turns]) if turns else []
         for t, code in zip(turns, codes):
             if code is not None:
-                t2w.add(t.t2w, [code])
+                sp.add_codes(t.t2w, [code])
             if not t.talker.finished and (len(t.talker.codes) >= self.max_codes or _room(t) <= 0):
                 self._cut_speech(t)
             if t.talker.finished:
                 t.t2w.finished = True
         go = self._token2wav_batch([t for t in self._active if t.t2w is not None])
-        for t, chunks in zip(go, t2w.advance([t.t2w for t in go])):
+        for t, chunks in zip(go, sp.vocode([t.t2w for t in go])):
             for wave in chunks:
                 if t.t_first_audio is None:
                     t.t_first_audio = time.perf_counter()
                 t.audio_samples += wave.numel()
-                t.emit.put(AudioDelta(to_pcm16(wave), SAMPLE_RATE, t.audio_index))
+                t.emit.put(AudioDelta(to_pcm16(wave), sp.sample_rate, t.audio_index))
                 t.audio_index += 1
             if t.talker.finished:
                 self._maybe_done(t)
@@ -675,8 +671,7 @@ class Engine:
         is that close to its own: then both go through the DiT together, which is nearly free
         next to running them apart. Finished utterances never wait.
         """
-        t2w = self.model.token2wav
-        need = {id(t): t2w.codes_until_ready(t.t2w) for t in turns}
+        need = {id(t): self.speech.codes_until_ready(t.t2w) for t in turns}
         ready = [t for t in turns if need[id(t)] == 0]
         soon = [t for t in turns if 0 < need[id(t)] <= T2W_SLACK and not t.talker.finished]
         if ready and soon and all(t.t2w_waited < T2W_MAX_WAIT and not t.t2w.finished for t in ready):
@@ -690,7 +685,7 @@ class Engine:
     def _text_end(self, turn: _Turn, status: str) -> None:
         turn.text_done, turn.status = True, status
         if turn.talker is not None:
-            talker_lib.push(turn.talker, None)  # the Talker says <tts_text_eod>, then pads, to its end
+            self.speech.push(turn.talker, None)  # the reply's text ended (the Talker winds its speech down)
         self._maybe_done(turn)
 
     def _maybe_done(self, turn: _Turn) -> None:
@@ -719,7 +714,7 @@ class Engine:
                      "cached_token_kinds": turn.cached_kinds or {"text": 0, "audio": 0, "image": 0}}
             if turn.speech:
                 usage["codec_tokens"] = len(turn.talker.codes) if turn.talker else 0
-                usage["audio_seconds"] = round(turn.audio_samples / SAMPLE_RATE, 3)
+                usage["audio_seconds"] = round(turn.audio_samples / self.speech.sample_rate, 3) if self.speech else 0.0
             first = turn.first_token_at
             timings = {"prefill_s": round(turn.t_prefill, 4),
                        "time_to_first_token_s": round(first - turn.t_submit, 4) if first else None,

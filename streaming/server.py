@@ -377,7 +377,7 @@ def cmd_serve(args) -> int:
                          config=EngineConfig(max_sessions=args.max_sessions, max_context=args.max_context,
                                              max_new_tokens=args.max_new_tokens,
                                              max_audio_s=args.max_audio_seconds, greedy=args.greedy))
-    mods = tuple(args.modalities) if args.modalities else (("audio",) if engine.model.talker is not None
+    mods = tuple(args.modalities) if args.modalities else (("audio",) if engine.model.speech is not None
                                                             else ("text",))
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                           idle_timeout_s=args.idle_timeout, defaults=SessionConfig(output_modalities=mods),

@@ -87,7 +87,7 @@ class OmniUI:
         self.server = server
         self.engine = server.engine
         model = self.engine.model
-        self.speech = getattr(model, "talker", None) is not None and bool(getattr(model, "voices", None))
+        self.speech = model.speech is not None and bool(model.voices)
         self.voices = list(getattr(server, "voices", ()) or getattr(model, "voices", {}) or [])
         self.default_voice = "Chelsie" if "Chelsie" in self.voices else (self.voices[0] if self.voices else None)
         self.tabs: dict[str, Tab] = {}
