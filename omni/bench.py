@@ -40,6 +40,14 @@ def add_parser(sub, add_model_args) -> None:
                    help="the reference and the one-conversation run alternate this many times; the fastest of each "
                         "is reported (the first pays one-time set-up: kernel selection, allocations) (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    g = p.add_argument_group("published shapes with random weights (omni/bench_shapes.py)")
+    g.add_argument("--shape", metavar="NAME", help="qwen2.5-omni-3b, qwen2.5-omni-7b or qwen3-omni-30b-a3b: build it "
+                   "on --device with random weights and measure it (concurrency default 1,4,8,16; --dtype of the Thinker and "
+                   "Talker default bfloat16 on every device, Token2Wav float32)")
+    g.add_argument("--stages", help="a subset of thinker,talker,token2wav,ttfa (Qwen3: thinker,talker,code2wav,ttfa)")
+    g.add_argument("--dry", action="store_true", help="the same steps at the family's tiny test shape")
+    g.add_argument("--prompt-tokens", type=int, default=2048, help="multimodal prompt rows (default 2048)")
+    g.add_argument("--steps", type=int, default=16, help="timed decode steps per level (default 16)")
     add_model_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -195,6 +203,20 @@ def _table(rows: list[dict]) -> str:
 
 def cmd_bench(args) -> int:
     import torch
+
+    if args.shape:
+        from omni.bench_shapes import report, run_shape
+
+        torch.set_num_threads(args.threads)
+        conc = "1,4,8,16" if args.concurrency == "1,4,8" else args.concurrency  # the shape bench's own default
+        args.levels = [int(x) for x in conc.split(",") if x]
+        args.stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+        args.dtype = getattr(torch, args.dtype or "bfloat16")
+        res = run_shape(args.shape, args)
+        print(report(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
 
     if args.what == "caption":
         from omni.cli import resolve_model
