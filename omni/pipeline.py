@@ -175,7 +175,7 @@ class OmniModel(ThinkerModel):
         self.generation = generation
         self.talker, self.token2wav, self.voices = talker, token2wav, voices or {}
         self.speech = Speech(talker, token2wav, thinker.model.embed_tokens) if talker is not None else None
-        self.speech_error = None if talker is not None else f"{path}: speech output is not loaded"
+        self.speech_error = None if talker is not None else f"{path}: this model cannot speak (speech output is not loaded)"
         tok = processor.tok
         self.stop_ids = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
 

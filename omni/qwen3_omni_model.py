@@ -72,8 +72,8 @@ class Qwen3OmniModel(ThinkerModel):
     @staticmethod
     def _no_speech(path: Path, cfg: Qwen3OmniConfig) -> str:
         if not cfg.enable_audio_output:
-            return (f"{path}: this Qwen3-Omni checkpoint cannot speak (enable_audio_output is false: a Thinking or "
-                    "Captioner model has no talker); it answers in text only")
+            return (f"{path}: this Qwen3-Omni checkpoint cannot speak (enable_audio_output is false: it holds no "
+                    "talker, as the Thinking and Captioner models do not); it answers in text only")
         return f"{path}: Qwen3-Omni speech output (talker, Code2Wav) is not in this release of omni; text only"
 
     def voice(self, name: str | None):

@@ -123,9 +123,8 @@ class ChatRequests:
         if "audio" in modalities:
             model = self.engine.model
             if model.speech is None or not self.server.voices:
-                why = model.speech_error or "no voices are loaded"
-                raise bad(f"this model cannot speak ({why}); ask for modalities ['text']", "modalities",
-                          "unsupported_value")
+                why = model.speech_error or "this model cannot speak: no voices are loaded"
+                raise bad(f"{why}; ask for modalities ['text']", "modalities", "unsupported_value")
             audio = _opt(body, "audio", dict, None) or {}
             voice = audio.get("voice")
             if voice is not None:
