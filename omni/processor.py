@@ -218,17 +218,25 @@ class Processor:
         return {"text": len(input_ids) - audio - image, "audio": audio, "image": image}
 
     def _expand(self, ids: list[int], specs: list[MediaSpec]) -> list[int]:
-        """Replace each `bos, placeholder, eos` triple by the item's full run of tokens, in prompt order."""
         pads = {self.ids["<|IMAGE|>"], self.ids["<|VIDEO|>"], self.ids["<|AUDIO|>"]}
-        out: list[int] = []
-        it = iter(specs)
-        i = 0
-        while i < len(ids):
-            if ids[i] in pads:
-                out.pop()  # the bos, which placeholder_ids lays out again
-                out += placeholder_ids(next(it), self.rope)
-                i += 2  # past the eos
-            else:
-                out.append(ids[i])
-                i += 1
-        return out
+        return expand_placeholders(ids, specs, pads, lambda spec: placeholder_ids(spec, self.rope))
+
+
+def expand_placeholders(ids: list[int], specs: list[MediaSpec], pads: set[int], layout) -> list[int]:
+    """Replace each `open, placeholder, close` triple by `layout(spec)`, the item's full run of ids from its
+    opening token to its closing one, in prompt order."""
+    out: list[int] = []
+    it = iter(specs)
+    i = 0
+    while i < len(ids):
+        if ids[i] in pads:
+            spec = next(it, None)
+            if spec is None:
+                raise ValueError("the text holds more media placeholders than the messages have media parts")
+            out.pop()  # the opening token, which the layout lays out again
+            out += layout(spec)
+            i += 2  # past the closing token
+        else:
+            out.append(ids[i])
+            i += 1
+    return out

@@ -53,7 +53,7 @@ import torch
 from encoders import features
 from encoders.qwen3_omni_audio import audio_token_count
 from omni import media
-from omni.processor import MediaOptions, Prompt
+from omni.processor import MediaOptions, Prompt, expand_placeholders
 from omni.qwen3_omni_rope import NextPosition, RopeTokens, rope_index
 from omni.rope import MediaSpec
 from omni.tokenizer import TextTokenizer, TokenizerError
@@ -337,20 +337,5 @@ class Qwen3OmniProcessor:
         return [i["<|vision_start|>"], i["<|audio_start|>"], *pads, i["<|audio_end|>"], i["<|vision_end|>"]]
 
     def _expand(self, ids: list[int], specs: list[MediaSpec]) -> list[int]:
-        """Replace each `start, pad, end` triple by the item's full run of tokens, in prompt order."""
         pads = {self.ids["<|image_pad|>"], self.ids["<|video_pad|>"], self.ids["<|audio_pad|>"]}
-        out: list[int] = []
-        it = iter(specs)
-        i = 0
-        while i < len(ids):
-            if ids[i] in pads:
-                spec = next(it, None)
-                if spec is None:
-                    raise ValueError("the text holds more media placeholders than the messages have media parts")
-                out.pop()  # the opening token, which placeholder_ids lays out again
-                out += self.placeholder_ids(spec)
-                i += 2  # past the closing token
-            else:
-                out.append(ids[i])
-                i += 1
-        return out
+        return expand_placeholders(ids, specs, pads, self.placeholder_ids)
