@@ -121,9 +121,9 @@ class ChatRequests:
         modalities = ("text", "audio") if "audio" in mods else ("text",)
         voice, fmt = None, "pcm16" if stream else "wav"
         if "audio" in modalities:
-            model = self.engine.model
-            if model.speech is None or not self.server.voices:
-                why = model.speech_error or "this model cannot speak: no voices are loaded"
+            served = self.engine.model
+            if served.speech is None or not self.server.voices:
+                why = served.speech_error or "this model cannot speak: no voices are loaded"
                 raise bad(f"{why}; ask for modalities ['text']", "modalities", "unsupported_value")
             audio = _opt(body, "audio", dict, None) or {}
             voice = audio.get("voice")
