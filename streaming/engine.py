@@ -75,7 +75,7 @@ class _Conv:
     system: str | None
     voice: str | None
     next_position: object = 0  # rotary position of the next token to enter the cache (the model's kind: an int,
-    # or Qwen3-Omni's NextPosition)
+    # or the model's own position object)
     pending: list[int] = field(default_factory=list)  # produced but not yet in the cache
     closed_reply: bool = True  # whether the last reply ended with <|im_end|>
     seen: torch.Tensor | None = None  # (V,) bool: tokens in the history (repetition penalty)

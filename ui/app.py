@@ -142,7 +142,7 @@ class OmniUI:
             line += ("\n\n<div id='omni-note'>⚠️ This is an <b>embedded</b> model: a tiny, randomly "
                      f"initialised {family} made by this project so every code path runs with no download. "
                      "<b>Its replies are not meaningful.</b> For real answers restart with a real checkpoint: "
-                     "<code>omni serve --model /path/to/Qwen2.5-Omni-7B</code> (or Qwen3-Omni-30B-A3B-Instruct; add "
+                     "<code>omni serve --model /path/to/checkpoint</code> (add "
                      "<code>--device cuda</code> on a GPU).</div>")
         return line
 

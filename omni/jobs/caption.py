@@ -158,7 +158,7 @@ class _Job:
         self.prompts: dict[Item, str | None] = {}
         self.todo: list[Item] = []
         kopts = options.key_options()
-        # A captioning model (Qwen3-Omni-Captioner) takes an audio-only user turn: no instruction by default.
+        # A captioning-only model (omni.models.is_captioner) takes an audio-only user turn: no instruction by default.
         self.captioner = captioner
         self.default_prompt = "" if self.captioner else DEFAULT_PROMPT
         for it in items:
@@ -308,8 +308,8 @@ class _Job:
         st = self.state[it]
         prompt = self.prompts[it] or self.default_prompt.format(kind=st.plan.kind)
         if self.captioner and st.plan.kind != "audio":
-            return self._fail(it, f"{it.path}: a captioning model (Qwen3-Omni-Captioner) describes audio only; "
-                                  "caption video with an Instruct or Thinking checkpoint")
+            return self._fail(it, f"{it.path}: this captioning-only model describes audio only; "
+                                  "caption video with a general (instruct or thinking) checkpoint")
         modalities = ("text", "audio") if self.o.speak else ("text",)
         text, pcm, end = [], [], None
         conv = await self._open()
