@@ -193,14 +193,19 @@ class Thinker(nn.Module):
         return x, (rows, levels)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
-                n_valid: torch.Tensor | None = None, deepstack: tuple | None = None) -> torch.Tensor:
+                n_valid: torch.Tensor | None = None, deepstack: tuple | None = None,
+                capture_layer: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """embeds (B, T, D), positions (3, B, T) -> hidden (B, T, D) after the final norm.
 
         deepstack (rows (B, T) bool, [features (N, D)] per level): level i is added to the visual rows
-        after decoder layer i.
+        after decoder layer i. capture_layer k (the Talker's `accept_hidden_layer`): return
+        (hidden, hidden after k layers) instead, numbered as transformers' `hidden_states[k]`
+        (see omni.thinker.Decoder.forward).
         """
         add_after = None
         if deepstack is not None:
             rows, levels = deepstack
             add_after = {i: (rows, f) for i, f in enumerate(levels)}
-        return self.model(embeds, positions, cache, slots, n_valid, add_after)
+        if capture_layer is None:
+            return self.model(embeds, positions, cache, slots, n_valid, add_after)
+        return self.model(embeds, positions, cache, slots, n_valid, add_after, capture=capture_layer)

@@ -140,13 +140,18 @@ class Decoder(nn.Module):
                                 self.cfg.get_head_dim(), dtype or p.dtype, device or p.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                n_valid: torch.Tensor | None = None, add_after: dict | None = None) -> torch.Tensor:
+                n_valid: torch.Tensor | None = None, add_after: dict | None = None,
+                capture: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Append `x` to each slot's cache and return final-norm hidden states.
 
         x (B, T, D) input embeddings; positions (3, B, T) rotary positions; slots (B,) cache slots;
         n_valid (B,) how many of the T rows are real (right-padded batches; default all);
         add_after {layer index: (rows (B, T) bool, features (N, D))}: features added to those rows of the
         hidden states after that layer (Qwen3's deepstack). Returns (B, T, D). Advances cache.lengths[slots].
+        capture k: also return the hidden states after k layers, as transformers' `hidden_states[k]` numbers
+        them (0 the inputs, k < n_layers layer k-1's output before its `add_after` features, n_layers the
+        final norm's output): (hidden, captured), both (B, T, D). The Qwen3-Omni Talker reads layer
+        `accept_hidden_layer` of the Thinker this way.
         """
         B, T, _ = x.shape
         device = x.device
@@ -166,13 +171,21 @@ class Decoder(nn.Module):
             mask = to_device(mask[:, None], device)  # (B, 1, T, S)
         cos, sin = self.rotary(positions, x.dtype)
         slots_d, starts_d = to_device(slots.cpu(), device), to_device(starts, device)
+        if capture is not None and not 0 <= capture <= len(self.layers):
+            raise ValueError(f"capture must be a layer count in 0..{len(self.layers)}; got {capture}")
+        captured = x if capture == 0 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], slots_d, starts_d, kv_len, mask, one_slot)
+            if capture == i + 1:
+                captured = x
             if add_after and i in add_after:
                 rows, feats = add_after[i]
                 x = x.index_put((rows,), x[rows] + feats.to(x.dtype))
         cache.lengths[slots.cpu()] = ends
-        return self.norm(x)
+        if capture is None:
+            return self.norm(x)
+        out = self.norm(x)
+        return out, (out if capture == len(self.layers) else captured)
 
 
 class Thinker(nn.Module):
