@@ -31,7 +31,12 @@ def sharpen_talker(model, seed: int = 1) -> None:
             layer.input_layernorm.weight.normal_(1.0, 0.3, generator=g)
 
     qk(talker.model.layers)
+    std = tc.text_config.initializer_range
     for layer in talker.model.layers:
+        # transformers 5.23 leaves the talker's stacked experts as torch.empty (its _init_weights skips them):
+        # uninitialised memory, near zero in a fresh process and huge or NaN after other tests ran. Seeded here.
+        layer.mlp.experts.gate_up_proj.normal_(0, std, generator=g)
+        layer.mlp.experts.down_proj.normal_(0, std, generator=g)
         layer.mlp.gate.weight.mul_(20)  # routing by content, uneven top-k weights
         layer.mlp.experts.gate_up_proj.mul_(10)  # the experts' outputs matter too
         layer.mlp.experts.down_proj.mul_(10)

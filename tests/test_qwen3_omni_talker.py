@@ -151,10 +151,10 @@ def test_planted_wrong_accept_layer_is_caught(built):
     ref, d, talker, th = built("deep")  # 5 layers, accept 2: layers 1 and 3 are both there
     reply, want_codes, want_logits = media_reference(ref, "deep")
     k = talker.cfg.accept_hidden_layer
-    codes, logits = ours(talker, th, media_prompt(talker, th, "deep", capture=k - 1), reply[:-1])
+    codes, logits = ours(talker, th, media_prompt(talker, th, "deep", capture=k + 1), reply[:-1])
     assert not torch.equal(codes, want_codes)
-    # one layer later the media rows move less: codes may stay, the logits go ~2000x past the tolerance
-    _, logits = ours(talker, th, media_prompt(talker, th, "deep", capture=k + 1), reply[:-1])
+    # one layer earlier the media rows move less: codes may stay, the logits go ~700x past the tolerance
+    _, logits = ours(talker, th, media_prompt(talker, th, "deep", capture=k - 1), reply[:-1])
     n = min(len(logits), len(want_logits))
     assert (logits[:n] - want_logits[:n]).abs().max() > 100 * 2e-5 * float(want_logits.abs().max())
 
