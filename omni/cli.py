@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--speak", metavar="WAV", help="also speak the answer: write 24 kHz 16-bit WAV here "
                    "('-': raw PCM16 to stdout, text to stderr)")
-    g.add_argument("--voice", help="voice from the checkpoint's spk_dict.pt (official: Chelsie, Ethan; default Chelsie)")
+    g.add_argument("--voice", help="a voice the checkpoint has (Qwen2.5-Omni: Chelsie, Ethan, default Chelsie; Qwen3-Omni: "
+                   "Ethan, Chelsie, Aiden, default Ethan); an unknown one is refused with the list")
     g.add_argument("--max-audio-seconds", type=float, default=30.0, help="speech length limit (default 30)")
     g.add_argument("--max-context", type=int, default=16384, help="context limit in tokens (default 16384)")
     _add_model_args(g)

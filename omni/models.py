@@ -8,8 +8,10 @@ further in:
   reasoning block's markers, or None), `default_sampling(greedy)`;
 - the speech part, `speech` (None when the checkpoint cannot speak, `speech_error` then says why):
   `codec_hz`, `sample_rate`, `allocate_cache`, `start` (a reply's speech from its first token), `push`,
-  `ready`, `step_batch` (one batched codec step), `add_codes`, `codes_until_ready`, `vocode` (batched
-  vocoder windows), with `voice(name)`, `voices` and `talker_sampling(greedy)` on the model;
+  `ready`, `step_batch` (one batched codec step), `codec_ids`, `add_codes`, `codes_until_ready`, `vocode`
+  (batched vocoder windows), and what a conversation keeps for later replies: `new_memory`,
+  `remember_prompt` (a prefilled turn), `remember_token` (a reply token), `talker_prompt` (what `start`
+  reads); with `voice(name)`, `voices`, `default_voice` and `talker_sampling(greedy)` on the model;
 - and what the servers show: `family`, `path`, `default_system_prompt`, `speech_system_prompt`, `captioner`.
 Servers, the web demo, jobs and the CLI load a model only through `load_model` and never name a family.
 """

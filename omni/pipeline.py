@@ -128,6 +128,26 @@ class Speech:
         """The Talker's KV rows: its prefill spans the conversation, then its codes."""
         return self.talker.model.allocate_cache(n_slots, max_context + 2 + max_codes)
 
+    # What a conversation keeps for its later replies: every Thinker state (prompts and reply tokens), in order.
+
+    @staticmethod
+    def new_memory() -> list:
+        return []
+
+    @staticmethod
+    def remember_prompt(memory: list, prompt: Prompt, embeds: torch.Tensor, hidden: torch.Tensor) -> list:
+        memory.append((prompt.input_ids, embeds, hidden, prompt.positions))
+        return memory
+
+    @staticmethod
+    def remember_token(memory: list, token: int, embed: torch.Tensor, hidden: torch.Tensor, position) -> list:
+        memory.append((torch.tensor([token]), embed, hidden, position))
+        return memory
+
+    @staticmethod
+    def talker_prompt(memory: list) -> PromptStates:
+        return PromptStates(*(torch.cat(x, -1 if i == 3 else 0) for i, x in enumerate(zip(*memory))))
+
     def start(self, cache: KVCache, slot: int, history: PromptStates, voice: Voice, first: ThinkerStep,
               noise_generator: torch.Generator | None) -> tuple:
         """A reply's speech from its first token: (Talker state, vocoder state)."""
@@ -148,6 +168,10 @@ class Speech:
         """The next code of every `ready` state, in one batched step (None where the utterance ended)."""
         return talker_lib.step_batch(self.talker, states, samplings, generators, min_codes)
 
+    @staticmethod
+    def codec_ids(state) -> list[int]:
+        return list(state.codes)
+
     def add_codes(self, vstate, codes: list[int]) -> None:
         self.token2wav.add(vstate, codes)
 
@@ -165,6 +189,7 @@ class OmniModel(ThinkerModel):
     default_system_prompt = DEFAULT_SYSTEM_PROMPT  # the chat template's, when a conversation sets none
     speech_system_prompt = SPEECH_SYSTEM_PROMPT  # the one its voice was trained with
     think_ids = None  # no reasoning block
+    default_voice = "Chelsie"
     captioner = False  # no captioning-only variant
 
     def __init__(self, path: Path, cfg: OmniConfig, thinker: Thinker, processor: Processor, device: torch.device,
@@ -213,7 +238,7 @@ class OmniModel(ThinkerModel):
     def voice(self, name: str | None) -> Voice:
         if self.speech is None:
             raise SpeechError(self.speech_error)
-        name = name or ("Chelsie" if "Chelsie" in self.voices else next(iter(self.voices)))
+        name = name or (self.default_voice if self.default_voice in self.voices else next(iter(self.voices)))
         if name not in self.voices:
             raise SpeechError(f"unknown voice {name!r}; this checkpoint has: {', '.join(sorted(self.voices))}")
         return self.voices[name]

@@ -40,7 +40,7 @@ from omni.media import MediaError
 from omni.pipeline import OmniModel, SpeechError, Voice, _Detokenizer, generators
 from omni.processor import Prompt
 from omni.sampling import SamplingParams, sample
-from omni.types import AudioDelta, Done, Error, Event, Message, Part, PromptStates, Text, TextDelta, ThinkerStep
+from omni.types import AudioDelta, Done, Error, Event, Message, Part, Text, TextDelta, ThinkerStep
 from omni.wav import to_pcm16
 
 log = logging.getLogger("omni.engine")
@@ -83,7 +83,7 @@ class _Conv:
     media_held: dict = field(default_factory=lambda: {"audio": 0, "image": 0})  # such tokens in the cache
     # (ids, embeds, hidden, positions) of everything in the cache, for the Talker's prefill, which
     # covers the whole conversation (as a fresh run's would); None when the model cannot speak
-    history: list | None = None
+    speech_memory: object = None  # what the speech part keeps of the conversation (its `remember_*`), or None
 
 
 @dataclass(eq=False)
@@ -126,7 +126,7 @@ class _Turn:
     talker_sampling: SamplingParams | None = None
     talker_generator: torch.Generator | None = None
     noise_generator: torch.Generator | None = None
-    talker_prompt: PromptStates | None = None
+    talker_prompt: object = None  # the speech part's prompt of this reply (its `talker_prompt`)
     talker: object = None  # the speech part's codec state once the first reply token is fed (finished, codes)
     t2w: object = None  # the speech part's vocoder state (finished)
     min_new_tokens: int = 0
@@ -398,7 +398,7 @@ class Engine:
         self._cache.reset(slot)
         vocab = self.model.vocab_size
         state = _Conv(slot, system, voice, seen=torch.zeros(vocab, dtype=torch.bool, device=self.model.device),
-                      history=[] if self.speech is not None else None)
+                      speech_memory=self.speech.new_memory() if self.speech is not None else None)
         return Conversation(self, state)
 
     @property
@@ -513,11 +513,10 @@ class Engine:
         embeds, hidden, logits = m.prefill(p, self._cache, conv.slot)
         conv.pending, conv.turns = [], conv.turns + 1
         conv.seen[p.input_ids.to(m.device)] = True
-        if conv.history is not None:
-            conv.history.append((p.input_ids, embeds[0], hidden[0], p.positions))
+        if conv.speech_memory is not None:
+            conv.speech_memory = self.speech.remember_prompt(conv.speech_memory, p, embeds[0], hidden[0])
             if turn.speech:
-                turn.talker_prompt = PromptStates(*(torch.cat(x, -1 if i == 3 else 0)
-                                                    for i, x in enumerate(zip(*conv.history))))
+                turn.talker_prompt = self.speech.talker_prompt(conv.speech_memory)
         turn.pos = conv.next_position = p.next_position
         turn.prefilled = True
         turn.detok = _Detokenizer(m.processor.tok)
@@ -608,8 +607,8 @@ class Engine:
         """The token `t.fed` fed is known and not a stop: its step joins the history and the Talker."""
         embed, hidden, position, *_ = t.fed
         t.fed = None
-        if t.conv.history is not None:
-            t.conv.history.append((torch.tensor([tok]), embed, hidden, position))
+        if t.conv.speech_memory is not None:
+            t.conv.speech_memory = self.speech.remember_token(t.conv.speech_memory, tok, embed, hidden, position)
         if t.speech:
             self._feed_talker(t, ThinkerStep(tok, embed[0], hidden[0]))
 
@@ -724,7 +723,7 @@ class Engine:
             if turn.speech:
                 timings["time_to_first_audio_s"] = (round(turn.t_first_audio - turn.t_submit, 4)
                                                     if turn.t_first_audio else None)
-            codes = list(turn.talker.codes) if turn.talker is not None else ([] if turn.speech else None)
+            codes = self.speech.codec_ids(turn.talker) if turn.talker is not None else ([] if turn.speech else None)
             if turn.cancelled:
                 turn.emit.put(Done("cancelled", usage, timings, reason=turn.cancelled, codec_ids=codes))
             else:

@@ -138,6 +138,10 @@ class TalkerSampling:
     codec: SamplingParams  # code 0 of each frame (the Talker's codec_head); the penalty counts earlier codes 0
     residual: SamplingParams  # codes 1..15 (the code predictor)
 
+    @property
+    def is_greedy(self) -> bool:
+        return self.codec.is_greedy and self.residual.is_greedy
+
 
 TALKER_SAMPLING = TalkerSampling(SamplingParams(temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05),
                                  SamplingParams(temperature=1.0, top_k=50, top_p=0.8))
@@ -366,11 +370,18 @@ class TalkerState:
     eos_fed: bool = False  # <tts_eos> went in; <tts_pad> from now on
     finished: bool = False  # codec eos sampled, max_frames reached, or reset
     last_logits: torch.Tensor | None = None  # (1, V) raw logits frame len(frames)-1's code 0 was drawn from
+    user_rows: int = 0  # the prompt's user rows at the start of the slot (what `reset` keeps)
 
-    def reset(self) -> None:
-        """Forget the utterance and free the KV slot's rows; the state is finished."""
+    @property
+    def codes(self) -> list:
+        """The frames so far ((G,) LongTensor each): a frame is one codec step of all codebooks."""
+        return self.frames
+
+    def reset(self, keep_user_rows: bool = False) -> None:
+        """Forget the utterance and free the KV slot's rows (all, or all after the user rows: a later turn
+        of the conversation then starts from them, `start(kept=...)`); the state is finished."""
         with torch.inference_mode():
-            self.cache.reset(self.slot)
+            self.cache.truncate(self.slot, self.user_rows if keep_user_rows else 0)
             self.seen.zero_()
         self.text.clear()
         self.frames.clear()
@@ -380,11 +391,14 @@ class TalkerState:
 
 @torch.inference_mode()
 def start(talker: Talker, prompt: TalkerPrompt, thinker_embed: nn.Embedding, voice: str = "ethan",
-          cache: KVCache | None = None, slot: int = 0, max_frames: int = 4096, min_frames: int = 0) -> TalkerState:
+          cache: KVCache | None = None, slot: int = 0, max_frames: int = 4096, min_frames: int = 0,
+          kept: int = 0) -> TalkerState:
     """Prefill the user rows and the fixed assistant rows (all but the one that needs reply token 0).
 
     cache/slot: a slot of `talker.model.allocate_cache(n, max_len)` with room for the prompt's rows + 9 +
-    max_frames; by default one is allocated. The first `step_batch` needs reply token 0 pushed.
+    max_frames; by default one is allocated. kept: the slot already holds the KV of the prompt's first
+    `kept` user rows (an earlier turn's, left by `reset(keep_user_rows=True)`): only the rest is prefilled.
+    The first `step_batch` needs reply token 0 pushed.
     """
     top, tc = talker.top, talker.cfg
     if prompt.assistant_rows.shape[0] < 3:
@@ -395,7 +409,11 @@ def start(talker: Talker, prompt: TalkerPrompt, thinker_embed: nn.Embedding, voi
     if cache is None:
         cache = talker.model.allocate_cache(1, n_user + 9 + max_frames + 1)
         slot = 0
-    cache.reset(slot)
+    if kept == 0:
+        cache.reset(slot)
+    elif not 0 < kept <= n_user or int(cache.lengths[slot]) != kept:
+        raise ValueError(f"the slot holds {int(cache.lengths[slot])} rows, not the {kept} kept user rows of "
+                         f"this prompt's {n_user}")
     dev = w.device
     specials = talker.text_projection(thinker_embed(torch.tensor(
         [top.tts_bos_token_id, top.tts_eos_token_id, top.tts_pad_token_id], device=thinker_embed.weight.device)
@@ -409,10 +427,10 @@ def start(talker: Talker, prompt: TalkerPrompt, thinker_embed: nn.Embedding, voi
     ids = torch.cat([prompt.ids, torch.full((9,), top.tts_pad_token_id, dtype=torch.long)])
     positions, nxt = rope_index(ids, prompt.image_grid_thw or None, prompt.video_grid_thw or None,
                                 prompt.audio_lengths or None, prompt.second_per_grids or None, tokens=talker.rope_tokens)
-    talker.model(rows[None], positions[:, None, :-1].to(dev), cache, torch.tensor([slot]))
+    talker.model(rows[None, kept:], positions[:, None, kept:-1].to(dev), cache, torch.tensor([slot]))
     state = TalkerState(cache=cache, slot=slot, embed=thinker_embed, specials=specials, first=positions[:, -1],
                         next_position=nxt, seen=torch.zeros(1, tc.text_config.vocab_size, dtype=torch.bool, device=dev),
-                        min_frames=min_frames, max_frames=max_frames)
+                        min_frames=min_frames, max_frames=max_frames, user_rows=n_user)
     for r in a[3:]:  # prompt tokens after the opening (a prefilled reply start) come first
         state.text.append(r)
     return state

@@ -92,6 +92,17 @@ def sharpen(model, seed: int = 0, n_special: int = 16) -> None:
         norm.weight.normal_(1.0, 0.3, generator=g)
 
 
+@torch.no_grad()
+def init_talker_experts(model, seed: int) -> None:
+    """transformers 5.23 leaves the talker's stacked experts as torch.empty (its _init_weights skips them):
+    uninitialised memory, ~0 in a fresh process and huge or NaN once earlier tests ran. Seeded here."""
+    g = torch.Generator().manual_seed(seed + 7)
+    std = model.config.talker_config.text_config.initializer_range
+    for layer in model.talker.model.layers:
+        layer.mlp.experts.gate_up_proj.normal_(0, std, generator=g)
+        layer.mlp.experts.down_proj.normal_(0, std, generator=g)
+
+
 def build_reference(name: str, out_dir: Path, seed: int = 0, max_shard_size: str | None = None):
     """Build, sharpen and save the whole reference model (thinker, talker, code2wav); return (model, dir)."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
@@ -100,6 +111,7 @@ def build_reference(name: str, out_dir: Path, seed: int = 0, max_shard_size: str
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(hf_config(cfg)).eval()
     model.set_experts_implementation("eager")  # the readable per-expert loop is the oracle (FACTS.md)
+    init_talker_experts(model, seed)
     sharpen(model, seed)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))

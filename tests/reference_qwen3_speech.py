@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tests.reference_qwen3 import build_reference
 
@@ -31,12 +32,7 @@ def sharpen_talker(model, seed: int = 1) -> None:
             layer.input_layernorm.weight.normal_(1.0, 0.3, generator=g)
 
     qk(talker.model.layers)
-    std = tc.text_config.initializer_range
     for layer in talker.model.layers:
-        # transformers 5.23 leaves the talker's stacked experts as torch.empty (its _init_weights skips them):
-        # uninitialised memory, near zero in a fresh process and huge or NaN after other tests ran. Seeded here.
-        layer.mlp.experts.gate_up_proj.normal_(0, std, generator=g)
-        layer.mlp.experts.down_proj.normal_(0, std, generator=g)
         layer.mlp.gate.weight.mul_(20)  # routing by content, uneven top-k weights
         layer.mlp.experts.gate_up_proj.mul_(10)  # the experts' outputs matter too
         layer.mlp.experts.down_proj.mul_(10)
@@ -70,10 +66,47 @@ def sharpen_talker(model, seed: int = 1) -> None:
     talker.hidden_projection.linear_fc2.weight.mul_(G ** 0.5)
 
 
+@torch.no_grad()
+def audible_code2wav(m, seed: int = 0, frames: int = 24) -> None:
+    """Re-initialise a reference Code2Wav so its wave is audible (RMS ~0.2) and every stage shapes it: random
+    init gives a near-silent wave that hides bugs. Each conv is rescaled to unit output RMS on random codes
+    (the residual branches and the last conv less)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in m.named_parameters():
+        if name.endswith(("alpha", "beta")):
+            p.normal_(0, 0.3, generator=g)
+        elif "layer_scale" in name or name.endswith("gamma"):
+            p.normal_(0.7, 0.2, generator=g)
+        elif name.endswith("weight") and p.dim() == 1:  # norms
+            p.normal_(1.0, 0.2, generator=g)
+        elif name.endswith("bias"):
+            p.normal_(0, 0.05, generator=g)
+        else:
+            p.normal_(0, p[0].numel() ** -0.5, generator=g)
+    m.code_embedding.weight.normal_(0, 1.0, generator=g)
+    for layer in m.pre_transformer.layers:
+        layer.self_attn.q_proj.weight.mul_(3)
+        layer.self_attn.k_proj.weight.mul_(3)
+    codes = torch.randint(0, m.config.codebook_size, (1, m.config.num_quantizers, frames), generator=g)
+    convs = [c for c in list(m.upsample.modules()) + list(m.decoder.modules())
+             if isinstance(c, (nn.Conv1d, nn.ConvTranspose1d))]
+    residual = {id(u.conv2.conv) for u in m.modules() if type(u).__name__.endswith("ResidualUnit")}
+    for conv in convs:
+        seen = {}
+        hook = conv.register_forward_hook(lambda mod, i, o: seen.setdefault("out", o))
+        m(codes)
+        hook.remove()
+        k = (0.3 if conv is convs[-1] else 0.4 if id(conv) in residual else 1.0) / seen["out"].pow(2).mean().sqrt()
+        conv.weight.mul_(k)
+        conv.bias.mul_(k)
+
+
+
 def build_speech_reference(name: str, out_dir: Path, seed: int = 0):
-    """tests/reference_qwen3.build_reference with the talker sharpened as well; returns (model, dir)."""
+    """tests/reference_qwen3.build_reference with the talker sharpened and Code2Wav audible; returns (model, dir)."""
     model, d = build_reference(name, out_dir, seed)
     sharpen_talker(model, seed + 1)
+    audible_code2wav(model.code2wav, seed + 2)
     model.save_pretrained(d)
     model.config.talker_config.audio_config = model.config.thinker_config.audio_config  # FACTS: 5.23 pitfall
     return model, d

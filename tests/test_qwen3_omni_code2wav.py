@@ -29,6 +29,7 @@ from torch import nn
 from omni.weights import CheckpointError, empty_params, load_module
 from talker.qwen3_omni_code2wav import Code2Wav, Code2WavConfig
 from tests.reference_qwen3 import CONFIG_NAMES, config, hf_config
+from tests.reference_qwen3_speech import audible_code2wav
 
 torch.set_num_threads(1)
 
@@ -57,38 +58,6 @@ def c2w_config(name: str) -> dict:
     return d
 
 
-@torch.no_grad()
-def _reinit(m, seed: int = 0, frames: int = 24) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, p in m.named_parameters():
-        if name.endswith(("alpha", "beta")):
-            p.normal_(0, 0.3, generator=g)
-        elif "layer_scale" in name or name.endswith("gamma"):
-            p.normal_(0.7, 0.2, generator=g)
-        elif name.endswith("weight") and p.dim() == 1:  # norms
-            p.normal_(1.0, 0.2, generator=g)
-        elif name.endswith("bias"):
-            p.normal_(0, 0.05, generator=g)
-        else:
-            p.normal_(0, p[0].numel() ** -0.5, generator=g)
-    m.code_embedding.weight.normal_(0, 1.0, generator=g)
-    for layer in m.pre_transformer.layers:
-        layer.self_attn.q_proj.weight.mul_(3)
-        layer.self_attn.k_proj.weight.mul_(3)
-    codes = torch.randint(0, m.config.codebook_size, (1, m.config.num_quantizers, frames), generator=g)
-    convs = [c for c in list(m.upsample.modules()) + list(m.decoder.modules())
-             if isinstance(c, (nn.Conv1d, nn.ConvTranspose1d))]
-    residual = {id(u.conv2.conv) for u in m.modules() if type(u).__name__.endswith("ResidualUnit")}
-    for conv in convs:
-        seen = {}
-        hook = conv.register_forward_hook(lambda mod, i, o: seen.setdefault("out", o))
-        m(codes)
-        hook.remove()
-        k = (0.3 if conv is convs[-1] else 0.4 if id(conv) in residual else 1.0) / seen["out"].pow(2).mean().sqrt()
-        conv.weight.mul_(k)
-        conv.bias.mul_(k)
-
-
 def _load(name: str, out_dir) -> Code2Wav:
     with empty_params():
         ours = Code2Wav(Code2WavConfig.from_dict(c2w_config(name)["code2wav_config"]))
@@ -106,7 +75,7 @@ def build(tmp_path_factory):
         if name not in cache:
             torch.manual_seed(0)
             ref = Qwen3OmniMoeCode2Wav._from_config(hf_config(c2w_config(name)).code2wav_config).eval()
-            _reinit(ref)
+            audible_code2wav(ref)
             out = tmp_path_factory.mktemp(f"c2w_{name}")
             save_file({PREFIX + k: v.contiguous() for k, v in ref.state_dict().items()},
                       str(out / "model.safetensors"))

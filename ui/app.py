@@ -89,7 +89,8 @@ class OmniUI:
         model = self.engine.model
         self.speech = model.speech is not None and bool(model.voices)
         self.voices = list(getattr(server, "voices", ()) or getattr(model, "voices", {}) or [])
-        self.default_voice = "Chelsie" if "Chelsie" in self.voices else (self.voices[0] if self.voices else None)
+        self.default_voice = (model.default_voice if model.default_voice in self.voices
+                              else (self.voices[0] if self.voices else None))
         self.tabs: dict[str, Tab] = {}
         self.idle_s = float(getattr(server.config, "idle_timeout_s", 600.0))  # as for a websocket session
         self._sweeper: asyncio.Task | None = None
