@@ -24,7 +24,6 @@ import copy
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from omni.weights import CheckpointError, empty_params, load_module
 from talker.qwen3_omni_code2wav import Code2Wav, Code2WavConfig
