@@ -7,7 +7,9 @@ further in:
   many conversations), `decode_positions(next_positions)`, its `processor`, `stop_ids`, `think_ids` (a
   reasoning block's markers, or None), `default_sampling(greedy)`;
 - the speech part, `speech` (None when the checkpoint cannot speak, `speech_error` then says why):
-  `codec_hz`, `sample_rate`, `allocate_cache`, `start` (a reply's speech from its first token), `push`,
+  `codec_hz`, `sample_rate`, `reads_thinker_states` (whether `start`/`push` need a token's Thinker states,
+  known once it is fed back, or just its id, known once sampled), `allocate_cache`, `start` (a reply's
+  speech from its first token), `push`,
   `ready`, `step_batch` (one batched codec step), `codec_ids`, `add_codes`, `codes_until_ready`, `vocode`
   (batched vocoder windows), and what a conversation keeps for later replies: `new_memory`,
   `remember_prompt` (a prefilled turn), `remember_token` (a reply token), `talker_prompt` (what `start`

@@ -119,6 +119,7 @@ class Speech:
     """
 
     codec_hz = 50  # Talker codes per second of speech
+    reads_thinker_states = True  # the Talker reads each reply token's Thinker embedding and hidden (once fed)
     sample_rate = SAMPLE_RATE
 
     def __init__(self, talker: Talker, token2wav: Token2Wav, thinker_embed: torch.nn.Embedding):

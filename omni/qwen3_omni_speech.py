@@ -73,6 +73,7 @@ class SpeechState:
 
 class Qwen3Speech:
     codec_hz = 12.5  # frames per second of speech
+    reads_thinker_states = False  # the Talker reads reply token ids: each goes in once the host knows it
     sample_rate = 24000
 
     def __init__(self, talker: talker_lib.Talker, code2wav: Code2Wav, thinker_embed: torch.nn.Embedding,

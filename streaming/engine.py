@@ -585,6 +585,8 @@ class Engine:
                 continue
             t.generated += 1
             t.emit.put(self._delta(t, tok))
+            if t.speech and not self.speech.reads_thinker_states:  # its Talker needs the id only: it goes now
+                self._feed_talker(t, ThinkerStep(tok, None, None))
             if t.fed is not None:
                 self._confirm(t, tok)
             else:
@@ -609,7 +611,7 @@ class Engine:
         t.fed = None
         if t.conv.speech_memory is not None:
             t.conv.speech_memory = self.speech.remember_token(t.conv.speech_memory, tok, embed, hidden, position)
-        if t.speech:
+        if t.speech and self.speech.reads_thinker_states:
             self._feed_talker(t, ThinkerStep(tok, embed[0], hidden[0]))
 
     def _drop_sampled(self, t: _Turn) -> None:

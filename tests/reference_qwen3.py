@@ -204,3 +204,18 @@ def build_tokenizer(out_dir: Path, cfg: dict) -> None:
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t), i)
         assert tok.encode(t, add_special_tokens=False).ids == [i], (t, tok.encode(t).ids)
     save_qwen2_files(tok, Path(out_dir), model_max_length=cfg["thinker_config"]["text_config"]["max_position_embeddings"])
+
+
+def generate_inputs(prompt) -> dict:
+    """transformers' generate keyword arguments for one of our processor's prompts: ids, mask and media."""
+    ids = prompt.input_ids[None]
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if prompt.pixel_values is not None:
+        kw.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+    if prompt.pixel_values_videos is not None:
+        kw.update(pixel_values_videos=prompt.pixel_values_videos, video_grid_thw=prompt.video_grid_thw,
+                  video_second_per_grid=torch.tensor(prompt.video_second_per_grid))
+    if prompt.audio_features is not None:
+        feats, mask = prompt.padded_audio()
+        kw.update(input_features=feats, feature_attention_mask=mask)
+    return kw

@@ -23,7 +23,7 @@ from omni.sampling import GREEDY
 from omni.types import Audio, Done, Error, Image, Message, TextDelta, Video
 from streaming.engine import Engine, EngineConfig, continuation_text
 from tests import media as make
-from tests.reference_qwen3 import build_reference
+from tests.reference_qwen3 import build_reference, generate_inputs
 
 torch.set_num_threads(1)
 N = 24
@@ -63,20 +63,10 @@ async def collect(conv, parts, **kw):
 
 def reference_greedy(ref, prompt, n: int = N, stop=()) -> list[int]:
     """transformers' thinker generate (greedy) on our processor's ids and features; positions its own."""
-    kw = {}
-    if prompt.pixel_values is not None:
-        kw.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
-    if prompt.pixel_values_videos is not None:
-        kw.update(pixel_values_videos=prompt.pixel_values_videos, video_grid_thw=prompt.video_grid_thw,
-                  video_second_per_grid=torch.tensor(prompt.video_second_per_grid))
-    if prompt.audio_features is not None:
-        feats, mask = prompt.padded_audio()
-        kw.update(input_features=feats, feature_attention_mask=mask)
-    ids = prompt.input_ids[None]
+    kw = generate_inputs(prompt)
     with torch.no_grad():
-        out = ref.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                   do_sample=False, eos_token_id=list(stop) or None, **kw)
-    return out[0, ids.shape[1]:].tolist()
+        out = ref.thinker.generate(**kw, max_new_tokens=n, do_sample=False, eos_token_id=list(stop) or None)
+    return out[0, prompt.input_ids.shape[0]:].tolist()
 
 
 def until_stop(tokens: list[int], stop) -> list[int]:
@@ -166,9 +156,10 @@ def test_a_second_turn_on_the_kept_cache_equals_the_whole_conversation_at_once(e
     assert second == want[:len(second)] and len(second) == min(N, len(want))
 
 
-def test_a_request_for_speech_is_a_clear_error_and_the_conversation_goes_on(engine, model, built):
-    with pytest.raises(SpeechError, match="speech output .* not in this release"):
-        load_model(built[1], speech=True)
+def test_speech_not_loaded_is_a_clear_error_and_the_conversation_goes_on(built):
+    text_only = load_model(built[1], speech=False)
+    assert text_only.speech is None and text_only.voices == {}
+    engine = Engine(text_only, EngineConfig(max_sessions=1, max_context=512, max_new_tokens=4))
 
     async def main():
         conv = engine.open_conversation()
@@ -176,8 +167,11 @@ def test_a_request_for_speech_is_a_clear_error_and_the_conversation_goes_on(engi
         good = await collect(conv, ["Hello"])
         return bad, good
 
-    bad, (tokens, done) = asyncio.run(main())
-    assert isinstance(bad[-1], Error) and "not in this release" in bad[-1].message
+    try:
+        bad, (tokens, done) = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert isinstance(bad[-1], Error) and "speech output was not loaded" in bad[-1].message
     assert isinstance(done, Done) and tokens
 
 
@@ -210,7 +204,8 @@ def test_the_embedded_qwen3_has_the_official_layout_and_real_vocabulary(embedded
     with safe_open(embedded_qwen3 / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "thinker.model.layers.0.mlp.experts.7.down_proj.weight" in keys  # one tensor per expert, as published
-    assert {k.split(".")[1] for k in keys} == {"model", "lm_head", "visual", "audio_tower"}
+    assert {k.split(".")[1] for k in keys if k.startswith("thinker.")} == {"model", "lm_head", "visual", "audio_tower"}
+    assert {k.split(".")[0] for k in keys} == {"thinker", "talker", "code2wav"}  # it speaks
     tok = TextTokenizer.from_dir(embedded_qwen3)
     assert tok.encode("Hello world") == [9707, 1879]  # the real Qwen vocabulary
     th = cfg["thinker_config"]
