@@ -106,10 +106,10 @@ class RealtimeServer:
         from starlette.routing import Route, WebSocketRoute
 
         async def healthz(request):
-            return PlainTextResponse("ok\n")
+            return PlainTextResponse(await self.health_text())
 
         async def metrics(request):
-            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+            return PlainTextResponse(await self.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
         app = FastAPI(title="omni", docs_url=None, redoc_url=None, openapi_url=None)
         app.router.routes += [Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
@@ -128,6 +128,14 @@ class RealtimeServer:
                 mount_ui(app, self)
                 self.ui_mounted = True
         return app
+
+    async def health_text(self) -> str:
+        """GET /healthz (a Ray Serve replica answers for every replica: omni/scale/serve.py)."""
+        return "ok\n"
+
+    async def metrics_text(self) -> str:
+        """GET /metrics, Prometheus text."""
+        return self.metrics.render()
 
     @property
     def port(self) -> int:
@@ -288,6 +296,21 @@ class RealtimeServer:
             return
         for srv in getattr(self._uv, "servers", []):
             srv.close()  # no new connections
+        await self.drain(timeout)
+        self._uv.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._serve_task), timeout + 6)
+        except asyncio.TimeoutError:
+            self._uv.force_exit = True
+            log.warning("the HTTP server did not stop in time; forcing it")
+            await asyncio.wait_for(self._serve_task, 5)
+        self._sock.close()
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Refuse new sessions and requests (503), cancel running responses (each still gets its
+        response.done), close every websocket with 1001 and wait for their handlers. Without uvicorn
+        (a Ray Serve replica serves `app` itself) this is the whole shutdown."""
+        self._closing = True
         for s in list(self.sessions):
             s.cancel("server_shutdown")
         for cancel in list(self.http_requests):  # HTTP API generations in flight
@@ -302,14 +325,6 @@ class RealtimeServer:
                 await _close(ws, 1001, "server shutting down")
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=timeout)
-        self._uv.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._serve_task), timeout + 6)
-        except asyncio.TimeoutError:
-            self._uv.force_exit = True
-            log.warning("the HTTP server did not stop in time; forcing it")
-            await asyncio.wait_for(self._serve_task, 5)
-        self._sock.close()
 
 
 async def _close(ws, code: int, reason: str) -> None:
@@ -362,28 +377,54 @@ def add_parser(subparsers, add_model_args) -> None:
                    help="let HTTP callers give http(s) media URLs for the server to fetch (default: refused)")
     p.add_argument("--media-root", metavar="DIR",
                    help="let HTTP callers name local media files (file:// or paths) under this directory only")
+    r = p.add_argument_group("scaling out on Ray Serve (pip install -e '.[ray]'; see README \"Scaling out\")")
+    r.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: several replicas, each the whole app with its own engine (one per "
+                        "GPU with --device cuda); without --address a local Ray is started on this machine")
+    r.add_argument("--address", metavar="HOST:PORT|auto",
+                   help="with --ray: join this Ray cluster (auto: the one `ray start` began on this node); "
+                        "default: start a local one, advertised on loopback")
+    r.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the app (default 1)")
+    r.add_argument("--autoscale", metavar="MIN:MAX",
+                   help="with --ray: let Serve scale between MIN and MAX replicas by ongoing sessions instead of "
+                        "a fixed --replicas")
+    r.add_argument("--threads", type=int, default=1,
+                   help="with --ray on the CPU: torch threads (and Ray CPUs) per replica (default 1)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
 
+def engine_config(args):
+    """The EngineConfig `omni serve`'s flags ask for (one per replica under --ray)."""
+    from streaming.engine import EngineConfig
+
+    return EngineConfig(max_sessions=args.max_sessions, max_context=args.max_context,
+                        max_new_tokens=args.max_new_tokens, max_audio_s=args.max_audio_seconds, greedy=args.greedy)
+
+
+def server_config(args, can_speak: bool, **overrides) -> ServerConfig:
+    """The ServerConfig `omni serve`'s flags ask for; `can_speak`: whether the model has a speech part."""
+    mods = tuple(args.modalities) if args.modalities else (("audio",) if can_speak else ("text",))
+    kw = dict(host=args.host, port=args.port, api_key=args.api_key or None, idle_timeout_s=args.idle_timeout,
+              defaults=SessionConfig(output_modalities=mods), ui=args.ui,
+              max_request_bytes=int(args.max_request_mb * (1 << 20)), allow_remote_media=args.allow_remote_media,
+              media_root=str(Path(args.media_root).resolve()) if args.media_root else None)
+    return ServerConfig(**{**kw, **overrides})
+
+
 def cmd_serve(args) -> int:
     from omni.cli import _dtype, resolve_model
-    from streaming.engine import Engine, EngineConfig
+    from streaming.engine import Engine
 
     if not args.debug:
         logging.getLogger("omni").setLevel(logging.INFO)
+    if args.ray:
+        from omni.scale.serve import cmd_serve_ray  # Ray is imported only here
+
+        return cmd_serve_ray(args)
     model_dir = resolve_model(args.model)
-    engine = Engine.load(model_dir, device=args.device, dtype=_dtype(args.dtype),
-                         config=EngineConfig(max_sessions=args.max_sessions, max_context=args.max_context,
-                                             max_new_tokens=args.max_new_tokens,
-                                             max_audio_s=args.max_audio_seconds, greedy=args.greedy))
-    mods = tuple(args.modalities) if args.modalities else (("audio",) if engine.model.speech is not None
-                                                            else ("text",))
-    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
-                          idle_timeout_s=args.idle_timeout, defaults=SessionConfig(output_modalities=mods),
-                          ui=args.ui, max_request_bytes=int(args.max_request_mb * (1 << 20)),
-                          allow_remote_media=args.allow_remote_media,
-                          media_root=str(Path(args.media_root).resolve()) if args.media_root else None)
+    engine = Engine.load(model_dir, device=args.device, dtype=_dtype(args.dtype), config=engine_config(args))
+    config = server_config(args, engine.model.speech is not None)
     try:
         asyncio.run(_serve_until_signal(engine, config))
     finally:

@@ -1,0 +1,56 @@
+"""Joining or starting the Ray cluster that `omni serve --ray` and `omni caption --ray` run on."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+
+log = logging.getLogger("omni.ray")
+
+NAMESPACE = "omni"  # our own actors (the replicas' status board); Serve's live in its own namespace
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def require_ray():
+    """Import ray, or say how to get it."""
+    from omni.cli import UserError
+
+    try:
+        import ray  # noqa: F401
+    except ModuleNotFoundError:
+        raise UserError("--ray needs Ray: pip install -e '.[ray]' (ray[serve,data]==2.60.0)") from None
+    return ray
+
+
+def connect(address: str | None, host: str = "127.0.0.1", num_cpus: int | None = None) -> bool:
+    """ray.init: join `address` ("auto", "HOST:6379", "ray://...") or start a local Ray on this machine
+    (dashboard off, no usage stats; advertised on loopback unless `host` is another address, so no other
+    machine is asked to join it). Returns whether a local Ray was started here (the caller shuts it down).
+    num_cpus: the CPUs a local Ray declares (a scheduling budget: default this machine's count)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, **quiet)
+        return False
+    node_ip = "127.0.0.1" if is_loopback(host) else (None if host in ("0.0.0.0", "::") else host)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=NAMESPACE,
+             **({"_node_ip_address": node_ip} if node_ip else {}), **quiet)
+    return True
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
