@@ -33,8 +33,8 @@ MARKER = "omni_embedded_default"
 # `--model embedded:NAME`: the embedded checkpoints a user can pick by name (the first is the default).
 NAMES = {"qwen2.5-omni": "default", "qwen3-omni": "qwen3-omni"}
 BANNERS = {"qwen3-omni": ("omni: running the EMBEDDED Qwen3-Omni ({path}): a tiny randomly initialised Qwen3-Omni "
-                          "thinker made by this project (text out only). Its replies are NOT meaningful. Pass "
-                          "--model DIR to run a real Qwen3-Omni-30B-A3B checkpoint.")}
+                          "(thinker, talker, code2wav) made by this project. Its replies and speech are NOT "
+                          "meaningful. Pass --model DIR to run a real Qwen3-Omni-30B-A3B checkpoint.")}
 
 
 def size_of(spec: str) -> str:
