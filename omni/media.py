@@ -114,6 +114,67 @@ def _decode_audio(c, stream, name: str, sr: int) -> np.ndarray:
     return np.concatenate(chunks, axis=1).mean(0).astype(np.float32)
 
 
+def iter_audio(src, sr: int = SAMPLE_RATE):
+    """The first audio stream of a path (or bytes) as float32 (n,) mono chunks at sr, decoded one frame at a
+    time: memory stays at a frame whatever the length. Concatenated, the chunks equal load_audio's samples."""
+    name = _name(src)
+    with open_container(src, name) as c:
+        if not c.streams.audio:
+            raise MediaError(f"{name}: no audio stream")
+        stream = c.streams.audio[0]
+        _check_decoder(stream, name, "audio")
+        resampler = av.AudioResampler(format="fltp", rate=sr)  # per channel, then averaged: as _decode_audio
+        try:
+            for frame in c.decode(stream):
+                frame.pts = None
+                for f in resampler.resample(frame):
+                    yield f.to_ndarray().mean(0).astype(np.float32)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{name}: corrupt or truncated audio ({e.strerror or e})") from None
+        for f in resampler.resample(None):
+            yield f.to_ndarray().mean(0).astype(np.float32)
+
+
+class AudioCursor:
+    """Forward-only slices of a file's 16 kHz sound, decoded as they are asked for (iter_audio): what is
+    behind the last slice is let go, so a long file never sits in memory whole."""
+
+    def __init__(self, src, sr: int = SAMPLE_RATE):
+        self._chunks = iter_audio(src, sr)
+        self._buf: list[np.ndarray] = []
+        self._start = 0  # sample index of _buf's first sample
+        self._have = 0  # samples in _buf
+
+    def take(self, a: int, b: int) -> np.ndarray:
+        """Samples [a, b) (fewer at the end of the stream); a must not go back before the previous slice's b."""
+        if a < self._start:
+            raise ValueError(f"AudioCursor goes forward only: asked for {a} after {self._start}")
+        while self._start + self._have < b:
+            x = next(self._chunks, None)
+            if x is None:
+                break
+            self._buf.append(x)
+            self._have += len(x)
+        data = np.concatenate(self._buf) if len(self._buf) > 1 else (self._buf[0] if self._buf else
+                                                                      np.zeros(0, np.float32))
+        out = data[a - self._start:b - self._start].copy()
+        cut = min(max(b - self._start, 0), len(data))  # segments follow each other: the next starts at b
+        keep = data[cut:].copy()
+        self._start, self._buf, self._have = self._start + cut, [keep] if len(keep) else [], len(keep)
+        return out
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
+def count_audio(src, sr: int = SAMPLE_RATE) -> int:
+    """How many samples at sr load_audio would return, in constant memory (MediaError as load_audio)."""
+    n = sum(len(x) for x in iter_audio(src, sr))
+    if n == 0:
+        raise MediaError(f"{_name(src)}: audio stream has no samples")
+    return n
+
+
 def load_audio(src, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Any FFmpeg-readable audio (or the audio track of a video) -> float32 (L,) mono at sr."""
     name = _name(src)

@@ -4,8 +4,9 @@
 the video stream) and decodes the sound track, then `plan.segments()` decodes the pictures in
 one pass and yields each segment as soon as its last sampled frame is in: frames sampled at
 `fps` by the reference's rule applied to the segment (`features.sample_frame_indices`), sized by
-its pixel budget, with the segment's slice of 16 kHz audio. Memory stays at one segment of
-sampled frames plus the sound track (16 kHz float32: 230 MB per hour), whatever the file's length.
+its pixel budget, with the segment's slice of 16 kHz audio. The sound is counted in one streaming pass
+and then decoded again as the segments need it (omni.media.AudioCursor), so memory stays at one segment
+of sampled frames and sound whatever the file's length (the whole track, 230 MB per hour, is never held).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class MediaPlan:
     has_audio: bool
     spans: list[tuple[float, float]]
     options: DecodeOptions
-    audio: np.ndarray | None  # (L,) float32 16 kHz mono
+    audio_samples: int  # length of the 16 kHz sound track (0: none); decoded segment by segment
     picks: list[list[int]] | None = None  # video: per segment, the ordinal frame numbers to keep
     n_frames: int = 0
 
@@ -100,8 +101,8 @@ class MediaPlan:
                 times, video_fps = _frame_times(c, vs, name)
             has_audio = bool(c.streams.audio)
             declared = c.duration / 1e6 if c.duration and c.duration > 0 else None  # from the container's header
-        audio = media.load_audio(path) if has_audio else None  # MediaError for corrupt or unsupported audio
-        audio_s = len(audio) / SR if audio is not None else 0.0
+        audio = media.count_audio(path) if has_audio else 0  # MediaError for corrupt or unsupported audio
+        audio_s = audio / SR
         video_s = times[-1] + 1.0 / video_fps if vs is not None else 0.0
         duration = round(max(video_s, audio_s), 3)
         if declared and duration < 0.9 * declared - 0.25:
@@ -124,17 +125,22 @@ class MediaPlan:
         return cls(path, "video", duration, has_audio, spans, options, audio, picks, len(times))
 
     def segments(self) -> Iterator[Segment]:
-        if self.kind == "audio":
-            for i, (a, b) in enumerate(self.spans):
-                yield Segment(i, len(self.spans), a, b, Audio(self._audio_slice(a, b, whole=True)))
-            return
-        yield from self._video_segments()
+        self._cursor = media.AudioCursor(self.path) if self.audio_samples else None
+        try:
+            if self.kind == "audio":
+                for i, (a, b) in enumerate(self.spans):
+                    yield Segment(i, len(self.spans), a, b, Audio(self._audio_slice(a, b, whole=True)))
+                return
+            yield from self._video_segments()
+        finally:
+            if self._cursor is not None:
+                self._cursor.close()
 
     def _audio_slice(self, a: float, b: float, whole: bool = False) -> np.ndarray | None:
-        if self.audio is None:
+        if not self.audio_samples:
             return None
-        end = len(self.audio) if b >= self.duration else int(round(b * SR))
-        x = self.audio[int(round(a * SR)):end]
+        end = self.audio_samples if b >= self.duration else int(round(b * SR))
+        x = self._cursor.take(int(round(a * SR)), end)
         if len(x) < _MIN_AUDIO:
             if whole:  # audio-only: the model needs something to hear
                 raise MediaError(f"{self.path}: audio segment {a:.2f}-{b:.2f} s has {len(x)} samples; too short")
