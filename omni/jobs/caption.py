@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import sys
 import threading
@@ -150,9 +151,9 @@ def _one_line(msg: str) -> str:
 
 class _Job:
     def __init__(self, engine, items: list[Item], out: Path, options: CaptionOptions, model_id: str,
-                 progress: TextIO | None, captioner: bool):
+                 progress: TextIO | None, captioner: bool, log=None):
         self.engine, self.out, self.o, self.model_id = engine, Path(out), options, model_id
-        self.log = RecordLog(self.out)
+        self.log = log if log is not None else RecordLog(self.out)
         self.summary = Summary(total=len(items), repaired=bool(self.log.repaired))
         self.keys: dict[Item, str] = {}
         self.prompts: dict[Item, str | None] = {}
@@ -340,7 +341,9 @@ class _Job:
             return self._fail(it, f"{it.path}{where}: {what}")
         if end.status == "cancelled":
             return self._fail(it, f"{it.path}: caption cancelled ({end.reason})")
-        st.results[seg.index] = (seg, "".join(text), pcm, end)
+        # the segment without its media: an item's finished segments wait here for the rest of it, and holding
+        # their frames and sound would make memory grow with the file's length
+        st.results[seg.index] = (dataclasses.replace(seg, part=None), "".join(text), pcm, end)
         if len(st.results) == seg.count:
             self._finish(it)
 
@@ -405,17 +408,19 @@ class SpeechUnavailable(RuntimeError):
 
 
 def run_caption(engine, items: list[Item], out: str | Path, options: CaptionOptions = CaptionOptions(),
-                model_id: str = "model", progress: TextIO | None = sys.stderr, captioner: bool | None = None) -> Summary:
+                model_id: str = "model", progress: TextIO | None = sys.stderr, captioner: bool | None = None,
+                log=None) -> Summary:
     """Caption `items` through `engine`, appending to the JSONL `out`; returns the summary (exit
     code in `summary.exit_code`). `engine` is an Engine (max_sessions >= options.batch_size) or a
     function making one, called only when something is left to do (then shut down here).
     captioner: whether the model is a captioning-only one (omni.models.is_captioner); None: the Engine's
-    model says."""
+    model says. log: where records go instead of `out`'s RecordLog (anything with `records`, `append`,
+    `close`, `repaired`: a Ray Data worker collects them for the driver, the only writer of `out`)."""
     if options.speak:
         Path(options.speak).mkdir(parents=True, exist_ok=True)
     if captioner is None:
         captioner = bool(getattr(getattr(engine, "model", None), "captioner", False))
-    job = _Job(engine, items, Path(out), options, model_id, progress, captioner)
+    job = _Job(engine, items, Path(out), options, model_id, progress, captioner, log)
     owned = None
     try:
         if job.todo and not hasattr(engine, "open_conversation"):
@@ -460,6 +465,18 @@ def add_parser(subparsers, add_model_args) -> None:
     p.add_argument("--max-speech-seconds", type=float, default=30.0, help="speech per segment at most (default 30)")
     p.add_argument("--retry-failed", action="store_true", help="redo items whose record is an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = p.add_argument_group("scaling out on Ray Data (pip install -e '.[ray]'; see README \"Scaling out\")")
+    r.add_argument("--ray", action="store_true",
+                   help="caption on Ray Data: a pool of --workers engines, each batching --batch-size segments; "
+                        "this process stays the only writer of --out (exactly once and resume as without --ray); "
+                        "without --address a local Ray is started on this machine")
+    r.add_argument("--address", metavar="HOST:PORT|auto",
+                   help="with --ray: join this Ray cluster (auto: the one `ray start` began on this node); "
+                        "default: start a local one, advertised on loopback")
+    r.add_argument("--workers", type=int, default=1,
+                   help="with --ray: engines in the actor pool (one GPU each with --device cuda), default 1")
+    r.add_argument("--threads", type=int, default=1,
+                   help="with --ray on the CPU: torch threads (and Ray CPUs) per worker (default 1)")
     add_model_args(p)
     p.set_defaults(func=cmd_caption)
 
@@ -501,6 +518,10 @@ def cmd_caption(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".jsonl":
         raise UserError(f"--out must name a .jsonl file; got {out}")
+    if args.ray:
+        from omni.scale.data import cmd_caption_ray  # Ray is imported only here
+
+        return cmd_caption_ray(args, items, ignored, out, options)
     model_dir = resolve_model(args.model)
 
     from omni.models import is_captioner, load_model
