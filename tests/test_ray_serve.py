@@ -34,7 +34,7 @@ def test_without_ray_flag_ray_is_not_imported():
 def serve_args(*extra: str):
     return build_parser().parse_args(
         ["serve", "--ray", "--replicas", "2", "--port", "0", "--max-sessions", str(SLOTS), "--max-new-tokens", "512",
-         "--max-context", "2048", "--no-ui", "--api-key", KEY, "--modalities", "text", *extra])
+         "--max-context", "2048", "--api-key", KEY, "--modalities", "text", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,14 @@ def served(cluster):
 
     info = oserve.deploy(serve_args())
     yield SimpleNamespace(**info, ws=info["url"].replace("http", "ws", 1) + "/v1/realtime?model=omni")
-    oserve.undeploy(info["apps"])
+    if info["apps"][0] in cluster_apps():  # test_shutdown_drains deletes them itself
+        oserve.undeploy(info["apps"])
+
+
+def cluster_apps() -> list[str]:
+    from ray import serve
+
+    return list(serve.status().applications)
 
 
 def run(coro, timeout=120):
@@ -67,7 +74,15 @@ def replica_sessions(served) -> dict[str, int]:
     for line in get(served.url + "/metrics").splitlines():
         if line.startswith("omni_sessions{"):
             out[line.split('replica="')[1].split('"')[0]] = int(line.rsplit(" ", 1)[1])
-    return out
+    return {r: n for r, n in out.items() if r not in demo_replicas()}
+
+
+def demo_replicas() -> set[str]:
+    import ray
+
+    from omni.scale import serve as oserve
+
+    return {r for r, v in ray.get(oserve._board().snapshot.remote()).items() if v[1] == oserve.DEMO_APP}
 
 
 async def wait_sessions(served, want: list[int], timeout: float = 10) -> dict[str, int]:
@@ -125,6 +140,20 @@ def test_sse_chat_completion_streams_through_serve(served):
     assert cs[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_web_demo_is_one_replica_of_its_own_behind_the_key(served):
+    from gradio_client import Client
+
+    assert cluster_apps() == ["omni", "omni-demo"] or sorted(cluster_apps()) == ["omni", "omni-demo"]
+    with urllib.request.urlopen(served.url + "/", timeout=30) as r:  # "/" of the API leads to the demo
+        assert r.geturl() == served.url + "/demo/" and b"<html" in r.read(2000).lower()
+    with pytest.raises(Exception):  # the page takes the API key as its password, as without Ray
+        Client(served.url + "/demo/", verbose=False)
+    c = Client(served.url + "/demo/", auth=("user", KEY), verbose=False)
+    assert "/on_submit" in c.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    health = get(served.url + "/healthz")
+    assert "(omni-demo)" in health and health.count("(omni)") == 2, health
+
+
 def test_key_and_capacity_refusals_are_the_single_server_ones(served):
     async def main():
         with pytest.raises(Exception, match="401"):
@@ -160,7 +189,7 @@ def test_a_stopped_replica_closes_its_sessions_cleanly(served, cluster):
         cs = [await session(served) for _ in range(4)]
         await wait_sessions(served, [2, 2])
         board = cluster.get(oserve._board().snapshot.remote())
-        victim = sorted(board)[0]
+        victim = sorted(r for r, v in board.items() if v[1] == oserve.APP)[0]
         for c in cs:  # long replies, so each replica has responses running when the stop comes
             await c.send(type="conversation.item.create", item={"type": "message", "role": "user", "content": [
                 {"type": "input_text", "text": "Tell me a long story."}]})
@@ -193,3 +222,27 @@ def test_a_stopped_replica_closes_its_sessions_cleanly(served, cluster):
         cluster.kill(actor)  # what the controller does after a graceful stop (it then starts a replacement)
 
     run(main(), timeout=180)
+
+
+def test_shutdown_drains_every_session(served):
+    """Deleting the applications (what `omni serve --ray` does on SIGTERM) closes live sessions with 1001,
+    with a web demo page's event streams open too, and does not wait out Serve's graceful timeout."""
+    from gradio_client import Client
+
+    from omni.scale import serve as oserve
+
+    async def main():
+        c = Client(served.url + "/demo/", auth=("user", KEY), verbose=False)
+        c.submit(api_name="/on_load")  # a page's queue stream, open while it is shut down
+        cs = [await session(served) for _ in range(2)]
+        t0 = time.monotonic()
+        await asyncio.to_thread(oserve.undeploy, served.apps)
+        took = time.monotonic() - t0
+        for x in cs:
+            await asyncio.wait_for(x.ws.wait_closed(), 5)
+            assert x.ws.close_code == 1001
+        assert took < 30, took
+        with pytest.raises(urllib.error.URLError):
+            get(served.url + "/healthz")
+
+    run(main(), timeout=120)

@@ -59,6 +59,7 @@ QUEUED = 16  # requests the proxy holds when every replica is past its headroom;
 REPORT_S = 1.0  # how often a replica posts its counters
 STALE_S = 5.0  # a replica silent this long is left out of /healthz and /metrics
 DRAIN_POLL_S = 0.2
+HTTP_GRACE_S = 2.0  # in a drain, HTTP requests still running this long after the sessions closed are ended
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,15 @@ class ReplicaServer(RealtimeServer):
     def __init__(self, engine, config, replica: str, app: str, demo: bool):
         self.replica, self.app_name, self.demo = replica, app, demo
         super().__init__(engine, config)
+        self.asgi = _Tracked(self.app)  # what Serve serves: the app, with its HTTP requests in flight known
         self._tasks: list[asyncio.Task] = []
         self._drained: asyncio.Task | None = None
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """The single server's drain, then an end to HTTP requests that never end by themselves (the web
+        demo's event streams): Serve waits for every ongoing request before it lets a replica go."""
+        await super().drain(timeout)
+        await self.asgi.end_all(grace=HTTP_GRACE_S)
 
     def _build_app(self):
         app = super()._build_app()
@@ -233,6 +241,48 @@ class ReplicaServer(RealtimeServer):
                 pass
 
 
+class _Tracked:
+    """An ASGI app whose HTTP requests in flight can be ended: each runs in a task of its own, which
+    end_all() cancels; a cancelled request's response just ends (or is a 503 when it had not started)."""
+
+    def __init__(self, app):
+        self.app, self.tasks = app, set()
+        self._ended: set = set()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
+        self.tasks.add(task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if task not in self._ended:
+                raise  # the client went away (Serve cancelled this request): as without us
+            if not started:
+                from starlette.responses import PlainTextResponse
+
+                await PlainTextResponse("the server is shutting down\n", 503)(scope, receive, send)
+        finally:
+            self.tasks.discard(task)
+            self._ended.discard(task)
+
+    async def end_all(self, grace: float) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        for t in list(self.tasks):
+            self._ended.add(t)
+            t.cancel()
+        await asyncio.sleep(0)
+
+
 def _actor_name() -> str | None:
     """This replica's actor name in Serve's namespace (an operator's `ray.get_actor(name, namespace="serve")`)."""
     try:
@@ -273,7 +323,7 @@ class OmniReplica:
         self.server.start_background()
 
     def __serve_build_asgi_app__(self):
-        return self.server.app
+        return self.server.asgi
 
     async def __del__(self):
         await self.server.close()
