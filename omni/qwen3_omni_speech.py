@@ -5,8 +5,8 @@ The Talker (talker/qwen3_omni_talker.py) makes a frame of 16 codes per step from
 (talker/qwen3_omni_code2wav.py) streams each frame's final samples exactly. One frame is 80 ms of speech
 (12.5 frames/s); the first audio goes out after the first frame: 1365 samples at the real rates.
 
-What a conversation keeps between turns (`remember_prompt`): its user turns as Talker rows
-(`TalkerPrompt`, accumulated turn by turn: nothing is projected twice) and how many of them the
+What a conversation keeps between turns (`remember_prompt`): its user turns as Talker rows with their
+positions (`TalkerPrompt`, accumulated turn by turn: nothing is projected twice) and how many of them the
 Talker's KV slot still holds. A reply's Talker prefill then runs over the new user rows only: the
 state's `reset` at the end of a turn keeps the user rows in the slot and drops the assistant and codec
 rows after them (the Talker's prompt has no assistant turns: they are never fed back).
@@ -96,9 +96,10 @@ class Qwen3Speech:
 
     def remember_prompt(self, memory: TalkerMemory, prompt, embeds: torch.Tensor, hidden: torch.Tensor) -> TalkerMemory:
         """A prefilled turn: its user rows join the conversation's (hidden: the Thinker's accept layer)."""
-        rows = talker_lib.prefill_rows(self.talker, prompt.input_ids, embeds, hidden, prompt.image_grid_thw,
-                                       prompt.video_grid_thw, prompt.audio_feature_lens, prompt.video_second_per_grid)
-        memory.prompt = rows if memory.prompt is None else memory.prompt + rows
+        memory.prompt = talker_lib.prefill_rows(
+            self.talker, prompt.input_ids, embeds, hidden, prompt.image_grid_thw, prompt.video_grid_thw,
+            prompt.audio_feature_lens, prompt.video_second_per_grid,
+            use_audio_in_video=any(m.kind == "video" and m.with_audio for m in prompt.media), after=memory.prompt)
         return memory
 
     @staticmethod

@@ -280,45 +280,32 @@ class Talker(nn.Module):
 
 @dataclass
 class TalkerPrompt:
-    """A conversation's user turns as Talker prefill rows, and the opening of the assistant turn.
-
-    `prefill_rows` makes one from a prefilled segment; a kept conversation adds each turn's (`a + b`: user
-    rows and media accumulate, the assistant opening is the later one's).
-    """
+    """A conversation's user turns as Talker prefill rows with their TMRoPE positions, and the opening of the
+    assistant turn. `prefill_rows` makes one from a prefilled segment, after an earlier one (`after`): user
+    rows accumulate turn by turn, positions continue where the last turn's ended, the assistant opening is
+    the latest."""
 
     rows: torch.Tensor  # (N, H) projected user-turn rows
-    ids: torch.Tensor  # (N,) their Thinker ids (for TMRoPE)
+    ids: torch.Tensor  # (N,) their Thinker ids
+    positions: torch.Tensor  # (3, N) float32 TMRoPE positions of the rows (the Talker's own rope_index)
+    next_position: NextPosition  # where the rows after them continue
     assistant_rows: torch.Tensor  # (k, H) T(id) of `<|im_start|>assistant\n` and any prompt tokens after it
-    image_grid_thw: list = field(default_factory=list)  # [(t, h, w)] of the images in the user turns, in order
-    video_grid_thw: list = field(default_factory=list)
-    audio_lengths: list = field(default_factory=list)  # mel frames per audio clip
-    second_per_grids: list = field(default_factory=list)  # per video
-
-    def __add__(self, other: "TalkerPrompt") -> "TalkerPrompt":
-        return TalkerPrompt(torch.cat([self.rows, other.rows]), torch.cat([self.ids, other.ids]), other.assistant_rows,
-                            self.image_grid_thw + other.image_grid_thw, self.video_grid_thw + other.video_grid_thw,
-                            self.audio_lengths + other.audio_lengths, self.second_per_grids + other.second_per_grids)
-
-
-def _rows_list(x) -> list:
-    if x is None:
-        return []
-    return [tuple(int(v) for v in r) for r in (x.tolist() if isinstance(x, torch.Tensor) else x)]
 
 
 @torch.inference_mode()
 def prefill_rows(talker: Talker, input_ids: torch.Tensor, embeds: torch.Tensor, accept_hidden: torch.Tensor,
-                 image_grid_thw=None, video_grid_thw=None, audio_lengths=None,
-                 second_per_grids=None) -> TalkerPrompt:
-    """The Talker's view of a prefilled segment of a conversation (what the Thinker prefill hands over).
+                 image_grid_thw=None, video_grid_thw=None, audio_lengths=None, second_per_grids=None,
+                 use_audio_in_video: bool = False, after: TalkerPrompt | None = None) -> TalkerPrompt:
+    """The Talker's view of a conversation once a prefilled segment of it is added (what the Thinker prefill
+    hands over): `after` (the conversation's TalkerPrompt so far, or None) with the segment's user rows.
 
     input_ids (T,): the segment's ids, starting at a turn's `<|im_start|>` (tokens before the first one are
     taken as the end of an earlier, non-user turn and dropped); embeds (T, D): the Thinker's input
     embeddings of the segment (`Thinker.embed`; only text rows are read); accept_hidden (T, D): the Thinker's
     hidden after `talker.cfg.accept_hidden_layer` layers (`Thinker.forward(..., capture_layer=k)`; only
     audio/image/video pad rows are read); the grids / audio mel lengths / seconds per video grid of the
-    segment's media, in order (as for rope_index). Media must sit in user turns. If the segment holds the
-    generation prompt, its last `<|im_start|>assistant` opens the reply.
+    segment's media, in order, and whether its videos carry their audio (as for rope_index). Media must sit
+    in user turns. If the segment holds the generation prompt, its last `<|im_start|>assistant` opens the reply.
     """
     top, tc = talker.top, talker.cfg
     ids = input_ids.reshape(-1).cpu()
@@ -345,9 +332,14 @@ def prefill_rows(talker: Talker, input_ids: torch.Tensor, embeds: torch.Tensor, 
         raise ValueError("the assistant turn's opening must be `<|im_start|>assistant\\n` (3 tokens) at least")
     assistant = (talker.text_projection(embeds.reshape(T, -1)[opening[-1]:].to(w.device, w.dtype)) if opening
                  else rows.new_zeros(0, rows.shape[1]))
-    return TalkerPrompt(rows, ids[user], assistant, _rows_list(image_grid_thw), _rows_list(video_grid_thw),
-                        [int(a) for a in (audio_lengths.tolist() if isinstance(audio_lengths, torch.Tensor) else audio_lengths or [])],
-                        [float(s) for s in (second_per_grids.tolist() if isinstance(second_per_grids, torch.Tensor) else second_per_grids or [])])
+    positions, nxt = rope_index(ids[user], image_grid_thw, video_grid_thw, audio_lengths, second_per_grids,
+                                use_audio_in_video, tokens=talker.rope_tokens,
+                                start=after.next_position if after is not None else 0)
+    if after is None:
+        return TalkerPrompt(rows, ids[user], positions, nxt, assistant)
+    return TalkerPrompt(torch.cat([after.rows, rows]), torch.cat([after.ids, ids[user]]),
+                        torch.cat([after.positions, positions], 1), nxt,
+                        assistant if opening else after.assistant_rows)
 
 
 @dataclass
@@ -424,9 +416,8 @@ def start(talker: Talker, prompt: TalkerPrompt, thinker_embed: nn.Embedding, voi
         [tc.codec_nothink_id, tc.codec_think_bos_id, tc.codec_think_eos_id, speaker, tc.codec_pad_id], device=dev))
     fixed = torch.cat([a[:3], pad.expand(4, -1) + codec[:4], (bos + codec[4])[None]])  # (8, H)
     rows = torch.cat([prompt.rows.to(dev, w.dtype), fixed])
-    ids = torch.cat([prompt.ids, torch.full((9,), top.tts_pad_token_id, dtype=torch.long)])
-    positions, nxt = rope_index(ids, prompt.image_grid_thw or None, prompt.video_grid_thw or None,
-                                prompt.audio_lengths or None, prompt.second_per_grids or None, tokens=talker.rope_tokens)
+    positions = torch.cat([prompt.positions, decode_positions(prompt.next_position, 9)], 1)  # 9 text-like rows
+    nxt = prompt.next_position + 9
     talker.model(rows[None, kept:], positions[:, None, kept:-1].to(dev), cache, torch.tensor([slot]))
     state = TalkerState(cache=cache, slot=slot, embed=thinker_embed, specials=specials, first=positions[:, -1],
                         next_position=nxt, seen=torch.zeros(1, tc.text_config.vocab_size, dtype=torch.bool, device=dev),

@@ -126,3 +126,11 @@ def speech(text: str, rate: int = 24000) -> np.ndarray:
     from omni.media import load_audio
 
     return load_audio(str(speech_clip(text)), sr=rate)
+
+
+def speech_samples(speech, codes: int) -> int:
+    """The samples `codes` codec steps of a model's speech part make: 480 per Qwen2.5 code (50/s); 1920 per
+    Qwen3 frame (12.5/s), less the 555 the last frame's causal convs hold back."""
+    if hasattr(speech, "code2wav"):
+        return speech.code2wav.out_len(codes)
+    return codes * round(speech.sample_rate / speech.codec_hz)

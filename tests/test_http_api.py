@@ -30,7 +30,7 @@ from streaming.engine import Engine, EngineConfig
 from streaming.protocol import SessionConfig
 from streaming.server import ServerConfig
 from tests import media as make
-from tests.realtime import Raw, ServerThread
+from tests.realtime import Raw, ServerThread, speech_samples
 
 KEY = "http-key"
 SLOTS = 4
@@ -38,10 +38,9 @@ CODES = 40  # speech per reply: at most 40 codec tokens = 0.8 s
 LIMIT = 46  # max_completion_tokens of the speech tests: text and codec tokens together
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    os.environ["OMNI_CACHE"] = str(tmp_path_factory.mktemp("omni_cache"))
-    eng = Engine.load(embedded.ensure(), config=EngineConfig(max_sessions=SLOTS, max_context=4096,
+@pytest.fixture(scope="module", params=["qwen2.5-omni", "qwen3-omni"])
+def engine(embedded_dir, request):  # each embedded model in turn (embedded_dir: the session's private cache)
+    eng = Engine.load(embedded.ensure(size=embedded.size_of("embedded:" + request.param)), config=EngineConfig(max_sessions=SLOTS, max_context=4096,
                                                              max_new_tokens=3000, max_codes=CODES))
     yield eng
     eng.shutdown()
@@ -194,9 +193,9 @@ def test_stop_sequences(server):
     assert stream_text(cs) == want and cs[-1].choices[0].finish_reason == "stop"
 
 
-def test_speech_formats_with_image_audio_and_video_parts(server, parts):
+def test_speech_formats_with_image_audio_and_video_parts(server, engine, parts):
     """Text + audio out in every format, from a prompt with an image, audio and a video with sound."""
-    c = client(server)
+    c, speech = client(server), engine.model.speech
     content = [parts["image"], parts["audio"], parts["video"], {"type": "text", "text": "What do you see and hear?"}]
     results = {}
     for fmt in ("wav", "mp3", "flac", "opus", "pcm16"):
@@ -210,14 +209,15 @@ def test_speech_formats_with_image_audio_and_video_parts(server, parts):
         # max_completion_tokens bounds text and speech together (as OpenAI counts output tokens)
         assert 10 <= codes <= CODES and u.completion_tokens == codes + u.completion_tokens_details.text_tokens <= LIMIT
         assert r.choices[0].finish_reason == "length"
-        assert u.model_extra["audio_seconds"] == pytest.approx(codes * 0.02)
+        assert u.model_extra["audio_seconds"] == pytest.approx(speech_samples(speech, codes) / 24000, abs=1e-3)
         d = u.prompt_tokens_details  # by kind: the image and the video's frames are image tokens, both sounds audio
-        assert d.image_tokens > 0 and d.audio_tokens > 50 and d.text_tokens > 0 and d.cached_tokens == 0
+        # 3 s of sound: 75 audio tokens at Qwen2.5's 25/s, ~40 at Qwen3's 13/s
+        assert d.image_tokens > 0 and d.audio_tokens > 30 and d.text_tokens > 0 and d.cached_tokens == 0
         assert d.image_tokens + d.audio_tokens + d.text_tokens == u.prompt_tokens
         results[fmt] = (base64.b64decode(m.audio.data), m.audio.transcript, u.prompt_tokens, codes)
     assert len({(t, n) for _, t, _, n in results.values()}) == 1  # same seed and settings: same reply
     pcm, codes = results["pcm16"][0], results["pcm16"][3]
-    assert len(pcm) == codes * 480 * 2  # 24 kHz PCM16
+    assert len(pcm) == speech_samples(speech, codes) * 2  # 24 kHz PCM16
     assert results["wav"][0][44:] == pcm and results["wav"][0][:4] == b"RIFF"
     ref = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
     for fmt, container in (("wav", "wav"), ("mp3", "mp3"), ("flac", "flac"), ("opus", "ogg")):
@@ -238,7 +238,7 @@ def test_speech_formats_with_image_audio_and_video_parts(server, parts):
                extra_body={"use_audio_in_video": False})
     r2 = create(c, messages=user(parts["video"], {"type": "text", "text": "Hi"}), max_completion_tokens=2,
                 extra_body={"use_audio_in_video": True})
-    assert r2.usage.prompt_tokens > r.usage.prompt_tokens + 20  # 2 s of audio is 50 tokens
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens + 20  # 2 s of audio: 50 tokens (Qwen2.5), 26 (Qwen3)
 
 
 def test_streamed_speech_equals_whole_and_refers_back(server):
@@ -260,7 +260,8 @@ def test_streamed_speech_equals_whole_and_refers_back(server):
     pcm, transcript, ids = stream_audio(cs)
     assert transcript == whole.choices[0].message.audio.transcript
     assert pcm == base64.b64decode(whole.choices[0].message.audio.data)  # same seed: the same speech
-    assert len(ids) == 1 and cs[-1].usage == whole.usage and len(pcm) == whole.usage.model_extra["audio_seconds"] * 48000
+    assert len(ids) == 1 and cs[-1].usage == whole.usage
+    assert len(pcm) == pytest.approx(whole.usage.model_extra["audio_seconds"] * 48000, abs=48)  # seconds to 1 ms
     assert first_audio is not None
     print(f"time to first audio over HTTP streaming: {first_audio:.3f} s")
 

@@ -309,11 +309,11 @@ def test_a_reasoning_block_is_marked_apart_from_the_answer(model, monkeypatch):
 
 def test_chat_completions_and_realtime_serve_the_embedded_qwen3(embedded_qwen3, files, monkeypatch):
     """The server above the engine is unchanged: the openai SDK's chat completions (whole and streamed, with an
-    image; a reasoning block as `reasoning_content`), a request for audio refused with the reason, and a
-    Realtime text turn over raw websockets, every event validated by the SDK's types."""
+    image; a reasoning block as `reasoning_content`) and a Realtime text turn over raw websockets, every event
+    validated by the SDK's types. (Speech on both families: tests/test_server.py and tests/test_http_api.py.)"""
     import base64
 
-    from openai import BadRequestError, OpenAI
+    from openai import OpenAI
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
     from streaming.protocol import SessionConfig
@@ -332,9 +332,6 @@ def test_chat_completions_and_realtime_serve_the_embedded_qwen3(embedded_qwen3, 
         ChatCompletion.model_validate(whole.model_dump())
         text = whole.choices[0].message.content
         assert text and whole.usage.prompt_tokens_details.image_tokens > 0
-        with pytest.raises(BadRequestError, match="cannot speak"):
-            api.chat.completions.create(model="omni", messages=msgs, modalities=["text", "audio"],
-                                        audio={"voice": "Ethan", "format": "wav"})
         # a reasoning block: two tokens of this very reply stand in for <think> and </think>
         ids, _ = asyncio.run(collect(eng.open_conversation(), [Image(files / "cat.png"), "What is this?"]))
         assert model.processor.tok.decode(ids) == text  # the very reply the API gave

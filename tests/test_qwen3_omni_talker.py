@@ -60,10 +60,10 @@ def conversation(name: str, seed: int = 0, user_text: int = 5) -> list[int]:
             + [s, c["assistant_token_id"], nl])
 
 
-def text_prompt(talker, th, ids: list[int]) -> T.TalkerPrompt:
+def text_prompt(talker, th, ids: list[int], after: T.TalkerPrompt | None = None) -> T.TalkerPrompt:
     x = torch.tensor(ids)
     emb = th.model.embed_tokens(x)
-    return T.prefill_rows(talker, x, emb, emb)  # no media: the hidden is never read
+    return T.prefill_rows(talker, x, emb, emb, after=after)  # no media: the hidden is never read
 
 
 @torch.no_grad()
@@ -247,9 +247,10 @@ def test_turns_add_up_to_the_whole_conversation(built):
     ids = conversation("tiny")
     whole = text_prompt(talker, th, ids)
     cut = [i for i, t in enumerate(ids) if t == config("tiny")["im_start_token_id"]][3]  # the second user turn
-    parts = text_prompt(talker, th, ids[:cut]) + text_prompt(talker, th, ids[cut:])
+    parts = text_prompt(talker, th, ids[cut:], after=text_prompt(talker, th, ids[:cut]))
     torch.testing.assert_close(parts.rows, whole.rows)
     assert torch.equal(parts.ids, whole.ids) and torch.equal(parts.assistant_rows, whole.assistant_rows)
+    assert torch.equal(parts.positions, whole.positions) and float(parts.next_position) == float(whole.next_position)
     c = config("tiny")
     assert c["system_token_id"] not in whole.ids.tolist() and c["assistant_token_id"] not in whole.ids.tolist()
 
