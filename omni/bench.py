@@ -26,7 +26,7 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("what", nargs="?", choices=["engine", "caption", "qwen3"], default="engine",
                    help="engine: against transformers (default); caption: captioning throughput; "
                         "qwen3: Qwen3-Omni's Thinker against transformers at the tiny and moe100m shapes "
-                        "(--configs tiny,moe100m)")
+                        "(--configs tiny,moe100m); with --speech, speaking: generate with audio out against our engine")
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--configs", default="default,small", help="embedded sizes to run (default: default,small)")
     p.add_argument("--text-tokens", type=int, default=64)
@@ -36,6 +36,10 @@ def add_parser(sub, add_model_args) -> None:
                    help="engine runs on the small config, whose DiT alone is slower than real time on a CPU core "
                         "(default 1,4)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers' reference run")
+    p.add_argument("--speech", action="store_true",
+                   help="qwen3: speech instead of text: time to first audio, total, RTF and speech-seconds per "
+                        "wall-second with a per-stage profile; --text-tokens reply tokens (default there 16) and "
+                        "--speech-seconds of speech (default there 2: 25 frames) forced on both sides")
     p.add_argument("--repeat", type=int, default=2,
                    help="the reference and the one-conversation run alternate this many times; the fastest of each "
                         "is reported (the first pays one-time set-up: kernel selection, allocations) (default 2)")
@@ -233,6 +237,19 @@ def cmd_bench(args) -> int:
 
         torch.set_num_threads(args.threads)
         shapes = [s for s in args.configs.split(",") if s] if args.configs != "default,small" else ["tiny", "moe100m"]
+        if args.speech:
+            from omni.bench_qwen3 import print_speech_report, run_qwen3_speech_bench
+
+            n_text = 16 if args.text_tokens == 64 else args.text_tokens  # the speech bench's own defaults
+            frames = 25 if args.speech_seconds == 10.0 else max(1, round(args.speech_seconds * 12.5))
+            res = run_qwen3_speech_bench(shapes, n_text, frames, [int(x) for x in args.concurrency.split(",") if x],
+                                         repeat=args.repeat, reference=not args.no_reference)
+            print_speech_report(res)
+            if args.json:
+                Path(args.json).write_text(json.dumps({**res, "settings": {
+                    "text_tokens": n_text, "frames": frames, "threads": args.threads, "repeat": args.repeat}},
+                    indent=2))
+            return 0
         res = run_qwen3_bench(shapes, args.text_tokens, [int(x) for x in args.concurrency.split(",") if x],
                               reference=not args.no_reference)
         print_report(res)
