@@ -241,6 +241,32 @@ def test_omni_generate_answers_on_the_embedded_qwen3(embedded_qwen3, capsys):
     assert "embedded:qwen3-omni" in capsys.readouterr().err
 
 
+def test_omni_generate_and_caption_speak_with_the_embedded_qwen3(embedded_qwen3, files, tmp_path, capsys):
+    """`omni generate --speak --voice` and `omni caption --speak` on the embedded Qwen3: WAVs of the frames'
+    samples (1920 a frame less the 555 the last one holds back), an unknown voice refused with the list."""
+    import wave as wavlib
+
+    from omni.cli import main
+
+    out = tmp_path / "reply.wav"
+    assert main(["generate", "--model", "embedded:qwen3-omni", "--greedy", "--max-new-tokens", "6", "--json",
+                 "--speak", str(out), "--voice", "Chelsie", "Hello there"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    frames = res["codec_ids"]
+    assert frames and all(len(f) == 16 for f in frames)
+    with wavlib.open(str(out)) as w:
+        assert w.getframerate() == 24000 and w.getnframes() == 1920 * len(frames) - 555
+        assert np.abs(np.frombuffer(w.readframes(w.getnframes()), "<i2")).max() > 1000  # sound, not silence
+    assert main(["generate", "--model", "embedded:qwen3-omni", "--speak", str(out), "--voice", "Alloy", "Hi"]) == 2
+    assert "unknown voice 'Alloy'; this checkpoint has: Aiden, Chelsie, Ethan" in capsys.readouterr().err
+    spoken = tmp_path / "spoken"
+    assert main(["caption", "--model", "embedded:qwen3-omni", str(files / "q.wav"), "--out", str(tmp_path / "c.jsonl"),
+                 "--speak", str(spoken), "--max-new-tokens", "4"]) == 0
+    (rec,) = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    (wav,) = spoken.glob("*.wav")
+    assert rec["status"] == "ok" and rec["text"] and wav.stat().st_size > 44 + 2 * 1365
+
+
 def test_caption_on_a_captioner_sends_an_audio_only_turn_and_refuses_video_with_the_reason(embedded_qwen3,
                                                                                            files, tmp_path):
     from omni.jobs.caption import CaptionOptions, run_caption

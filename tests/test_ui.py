@@ -360,3 +360,25 @@ def test_with_an_api_key_the_page_asks_for_it(engine):
         assert opener.open(f"{base}/gradio_api/login_check", timeout=10).status == 200
     finally:
         srv.stop()
+
+
+def test_the_embedded_qwen3_speaks_on_the_page(browser, server):
+    """The same page on the other family: its own default voice, no fixed system prompt, speech that plays."""
+    q3 = embedded.ensure(size=embedded.size_of("embedded:qwen3-omni"))  # in the cache the engine fixture set
+    eng = Engine.load(q3, config=EngineConfig(max_sessions=1, max_context=4096, max_new_tokens=20, max_codes=60))
+    srv = ServerThread(eng, ServerConfig(port=0, ui=True, defaults=SessionConfig(turn_detection=None)))
+    page = Page(browser, f"http://127.0.0.1:{srv.port}/")
+    try:
+        assert page.page.locator("#omni-voice input").input_value() == "Ethan"
+        assert page.page.locator("#omni-instructions textarea").input_value() == ""
+        assert "Qwen3-Omni" in page.page.locator("#omni-note").inner_text()
+        page.send("Tell me a story.")
+        assert page.wait_reply_text().strip()
+        page.page.wait_for_function(PLAYING, timeout=REPLY_S * 1000)
+        page.page.wait_for_function(DONE, timeout=REPLY_S * 1000)
+        page.shot("qwen3_reply.png")
+        page.assert_clean()
+    finally:
+        page.close()
+        srv.stop()
+        eng.shutdown()
