@@ -11,9 +11,11 @@ Talker's KV slot still holds. A reply's Talker prefill then runs over the new us
 state's `reset` at the end of a turn keeps the user rows in the slot and drops the assistant and codec
 rows after them (the Talker's prompt has no assistant turns: they are never fed back).
 
-Code2Wav's chunk schedule: the first chunk is one frame, later ones double up to `max_chunk_frames`
-(fewer, larger audio events once the listener has something to play; a frame's work is the same in
-any chunk, so this costs no latency beyond the frames' own arrival).
+Code2Wav's chunks (its stream's fixed grid): the first is one frame, later ones double up to
+`max_chunk_frames` (16: 1.28 s). A chunk of k frames costs k + 10 frames of conv work, so growing chunks
+cut the stream's overhead over one-shot decoding from 11x (a window per frame) to 1.6x, while the first
+audio still goes out after the first frame. A window ready for one conversation may wait a few steps for
+another's (the engine's batching); the grid, not the timing, decides what is computed.
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ class VocoderState:
     """One utterance's Code2Wav stream and the frames waiting for its next chunk."""
 
     stream: Code2WavStream
-    pending: list = field(default_factory=list)  # (G,) frames not vocoded yet
-    chunks: int = 0
+    pending: list = field(default_factory=list)  # (G,) frames not given to the stream yet
     finished: bool = False  # no more frames will come
 
 
@@ -77,7 +78,7 @@ class Qwen3Speech:
     sample_rate = 24000
 
     def __init__(self, talker: talker_lib.Talker, code2wav: Code2Wav, thinker_embed: torch.nn.Embedding,
-                 max_chunk_frames: int = 8):
+                 max_chunk_frames: int = 16):
         if code2wav.samples_per_frame * self.codec_hz != self.sample_rate:
             raise ValueError(f"code2wav makes {code2wav.samples_per_frame} samples per frame, not "
                              f"{self.sample_rate / self.codec_hz:g} (24 kHz at 12.5 frames/s)")
@@ -121,7 +122,7 @@ class Qwen3Speech:
                                  max_frames=cap, kept=memory.kept)
         memory.kept = 0  # until the reply ends the slot holds more than the user rows
         talker_lib.push(state, first.token_id)
-        return SpeechState(state, memory), VocoderState(self.code2wav.start())
+        return SpeechState(state, memory), VocoderState(self.code2wav.start(self.max_chunk_frames))
 
     @staticmethod
     def push(state: SpeechState, step: ThinkerStep | None) -> None:
@@ -149,21 +150,22 @@ class Qwen3Speech:
     def add_codes(vstate: VocoderState, frames: list) -> None:
         vstate.pending.extend(frames)
 
-    def _chunk(self, vstate: VocoderState) -> int:
-        return min(2 ** vstate.chunks, self.max_chunk_frames)
-
-    def codes_until_ready(self, vstate: VocoderState) -> int:
+    @staticmethod
+    def codes_until_ready(vstate: VocoderState) -> int:
         """Frames the next chunk still needs (0: it can run now; a finished utterance's rest always can)."""
         if vstate.finished:
             return 0
-        return max(0, self._chunk(vstate) - len(vstate.pending))
+        return max(0, vstate.stream.chunk_end - vstate.stream.frames - len(vstate.pending))
 
     @torch.inference_mode()
     def vocode(self, vstates: list[VocoderState]) -> list[list[torch.Tensor]]:
-        """Every pending frame of several utterances in one batched Code2Wav advance: each one's new samples."""
-        go = [v for v in vstates if v.pending]
-        waves = self.code2wav.advance([v.stream for v in go], [torch.stack(v.pending, 1) for v in go]) if go else []
+        """Several utterances' new frames in one batched Code2Wav advance: each one's new samples (those of the
+        chunks now complete; a finished utterance's rest)."""
+        go = [v for v in vstates if (v.pending or v.finished) and not v.stream.finished]
+        G = self.code2wav.cfg.num_quantizers
+        codes = [torch.stack(v.pending, 1) if v.pending else torch.zeros(G, 0, dtype=torch.long) for v in go]
+        waves = self.code2wav.advance([v.stream for v in go], codes, final=[v.finished for v in go]) if go else []
         out = {id(v): [w.float()] for v, w in zip(go, waves) if w.numel()}
         for v in go:
-            v.pending, v.chunks = [], v.chunks + 1
+            v.pending = []
         return [out.get(id(v), []) for v in vstates]

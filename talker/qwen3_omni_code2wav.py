@@ -13,26 +13,27 @@ floor(m/r)+1; the trim drops the samples that would need the next input, so T fr
 of the output of any longer code sequence: every sample returned is final when returned.
 
 Streaming (`Code2WavStream`, no state on the module): the transformer runs one frame per forward with a
-KV cache of the last sliding_window - 1 frames per layer (batched across streams); then, for each new
-frame, the conv stack is recomputed over a window of `context_frames` cached transformer outputs plus
-that frame, and the window's samples of that frame are kept. `context_frames` is derived by walking the
-conv stack backwards from the frame's first new sample (see `first_frame`): at the real and the tiny
-configs, out_len(u) = 1920u - 555 -> final conv k7: -6 -> per block r = 3, 4, 5, 8: residual units
--(6+18+54), then floor(./r) -> first conv k7: -6 -> ConvNeXt k7: -6, floor(./2) -> -6, floor(./2) gives
-frame u - 10: 10 frames of context, an 11-frame window (~10x the conv work of one frame). One frame
-gives out_len(1) = 1365 samples (57 ms); other rates give other numbers (the tests' "deep": 20 frames,
-42 samples; "wide": 8 frames, 1150 samples). `finish` has nothing left to flush: one-shot decoding of T frames
-ends at out_len(T) too (its last 555 samples would need frame T+1), and those are all returned by then.
+KV cache of the last sliding_window - 1 frames per layer (batched across streams). The conv stack runs
+per chunk of frames on a fixed grid: chunk i holds min(2**i, max_chunk_frames) frames (1, 2, 4, 8, 16,
+16, ...), and a chunk [b, e) is decoded over a window of `context_frames` cached transformer outputs
+before b plus the chunk itself; the window's samples out_len(b) .. out_len(e) are kept. `context_frames`
+is derived by walking the conv stack backwards from a frame's first new sample (see `first_frame`): at
+the real and the tiny configs, out_len(u) = 1920u - 555 -> final conv k7: -6 -> per block r = 3, 4, 5, 8:
+residual units -(6+18+54), then floor(./r) -> first conv k7: -6 -> ConvNeXt k7: -6, floor(./2) -> -6,
+floor(./2) gives frame u - 10: 10 frames of context. The first chunk is one frame: out_len(1) = 1365
+samples (57 ms) once the first frame is in; other rates give other numbers (the tests' "deep": 20 frames
+of context, 42 samples; "wide": 8 frames, 1150 samples). `finish` decodes the last, partial chunk: one-shot
+decoding of T frames ends at out_len(T) too (its last 555 samples would need frame T+1).
 
-Why one frame at a time, for both parts, whatever the grouping of the codes: every frame's work then has
-the same shapes, so a stream's output is bit-for-bit independent of how its codes were grouped (and
-equals one-shot to fp32 rounding; on CPU a conv's numbers change in the last bit with its batch size, so
-a group's frames cannot share one batch without losing that). A group of k frames costs k small
-transformer forwards and k conv passes. Batched over streams (`advance`): the j-th new frame of every
-stream that has one goes through the transformer in one forward, each at its own position, their caches
-stacked (always sliding_window - 1 slots; the slots before a stream's first frame are masked), and its
-conv windows go through the conv stack in one batch, grouped by window length (only a stream's first
-`context_frames` frames have shorter windows). Equal to advancing each stream alone to fp32 rounding.
+Why a fixed grid: a stream's work then depends only on frame indices, never on how its codes arrived, so
+its output is bit-for-bit independent of the grouping of pushes (and equals one-shot to fp32 rounding;
+on CPU a conv's numbers change in the last bit with its length, so each grouping would otherwise round
+differently). A chunk of k frames costs k + context_frames frames of conv: 2.25x one-shot at k = 8,
+1.6x at 16 (one window per frame would cost 11x). Batched over streams (`advance`): the j-th new frame
+of every stream that has one goes through the transformer in one forward, each at its own position,
+their caches stacked (always sliding_window - 1 slots; the slots before a stream's first frame are
+masked), and the chunks that are complete go through the conv stack in one batch per window length.
+Equal to advancing each stream alone to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -263,21 +264,30 @@ class Transformer(nn.Module):
 
 @dataclass
 class Code2WavStream:
-    """One utterance being streamed: the transformer's KV window, the conv stack's cached inputs, counters."""
+    """One utterance being streamed: the transformer's KV window, its cached outputs, counters."""
 
     keys: torch.Tensor  # (layers, nkv, sliding_window-1, hd) post-RoPE keys of the last frames, oldest first;
     values: torch.Tensor  # the slots before the first frame are zeros and masked out
-    hidden: torch.Tensor  # (hidden_size, <= context_frames) transformer outputs of the latest frames
+    hidden: torch.Tensor  # (hidden_size, n) transformer outputs of frames hidden_from .. frames - 1
+    max_chunk_frames: int = 16  # the chunk grid: 1, 2, 4, ... up to this many frames a chunk
+    hidden_from: int = 0
     frames: int = 0  # frames received
-    emitted: int = 0  # samples returned (= out_len(frames))
+    decoded: int = 0  # frames whose samples are out (a chunk boundary)
+    chunks: int = 0  # chunks decoded
+    emitted: int = 0  # samples returned (= out_len(decoded))
     finished: bool = False
+
+    @property
+    def chunk_end(self) -> int:
+        """The frame the next chunk ends before."""
+        return self.decoded + min(2 ** self.chunks, self.max_chunk_frames)
 
     def reset(self) -> None:
         """Start a new utterance with the same buffers."""
         self.keys.zero_()
         self.values.zero_()
         self.hidden = self.hidden[:, :0]
-        self.frames = self.emitted = 0
+        self.hidden_from = self.frames = self.decoded = self.chunks = self.emitted = 0
         self.finished = False
 
 
@@ -372,28 +382,30 @@ class Code2Wav(nn.Module):
 
     # --- streaming ---
 
-    def start(self) -> Code2WavStream:
-        """A new, empty stream on the module's device and dtype."""
+    def start(self, max_chunk_frames: int = 16) -> Code2WavStream:
+        """A new, empty stream on the module's device and dtype (its chunks grow to `max_chunk_frames`)."""
         c, p = self.cfg, self.code_embedding.weight
         shape = (c.num_hidden_layers, c.num_key_value_heads, c.sliding_window - 1, c.get_head_dim())
         return Code2WavStream(keys=p.new_zeros(shape), values=p.new_zeros(shape),
-                              hidden=p.new_zeros(c.hidden_size, 0))
+                              hidden=p.new_zeros(c.hidden_size, 0), max_chunk_frames=max_chunk_frames)
 
     def push(self, stream: Code2WavStream, codes: torch.LongTensor) -> torch.Tensor:
-        """Add frames (num_quantizers, k), k >= 0; returns the newly final samples (out_len(T) - out_len(T-k),)."""
+        """Add frames (num_quantizers, k), k >= 0; returns the samples of the chunks they complete."""
         return self.advance([stream], [codes])[0]
 
     def finish(self, stream: Code2WavStream) -> torch.Tensor:
-        """End the utterance. Every sample of `forward(all codes)` has been returned already, so this returns
-        none (an empty (0,) tensor); later pushes are refused until `stream.reset()`."""
-        stream.finished = True
-        return self.code_embedding.weight.new_zeros(0)
+        """End the utterance: the samples of its last, partial chunk (all of `forward(all codes)` is then
+        out); later pushes are refused until `stream.reset()`."""
+        return self.advance([stream], [stream.keys.new_zeros(self.cfg.num_quantizers, 0, dtype=torch.long)],
+                            final=[True])[0]
 
     @torch.no_grad()
-    def advance(self, streams: list[Code2WavStream], codes: list[torch.LongTensor]) -> list[torch.Tensor]:
+    def advance(self, streams: list[Code2WavStream], codes: list[torch.LongTensor],
+                final: list[bool] | None = None) -> list[torch.Tensor]:
         """Add frames to several streams at once (codes[i] (num_quantizers, k_i), any k_i >= 0); returns each
-        stream's newly final samples (n_i,). One batched transformer forward per frame index j over the streams
-        that have a j-th new frame, then one conv pass per (j, window length). Equals `push` on each alone."""
+        stream's newly final samples (n_i,): those of the chunks now complete, and for a `final` stream the
+        rest (it is then finished). One batched transformer forward per frame index j over the streams that
+        have a j-th new frame, then one conv pass per window length. Equals `push` on each alone."""
         if len(streams) != len(codes):
             raise ValueError(f"{len(streams)} streams but {len(codes)} code tensors")
         if len({id(s) for s in streams}) != len(streams):
@@ -407,8 +419,10 @@ class Code2Wav(nn.Module):
         dev = self.code_embedding.weight.device
         counts = [c.shape[1] for c in codes]
         new = [self.embed(c[None].to(dev))[0] if k else None for c, k in zip(codes, counts)]  # (k_i, H)
-        hidden = self._transformer_steps(streams, new, counts)  # (H, k_i) per stream
-        return self._conv_windows(streams, hidden, counts)
+        for s, h in zip(streams, self._transformer_steps(streams, new, counts)):
+            if h is not None:
+                s.hidden = torch.cat([s.hidden, h], dim=1)
+        return self._conv_chunks(streams, final or [False] * len(streams))
 
     def _transformer_steps(self, streams, new, counts) -> list[torch.Tensor | None]:
         c, W = self.cfg, self.cfg.sliding_window
@@ -431,30 +445,33 @@ class Code2Wav(nn.Module):
                 out[i].append(h[b, 0])
         return [torch.stack(o, dim=1) if o else None for o in out]
 
-    def _conv_windows(self, streams, hidden, counts) -> list[torch.Tensor]:
-        C, U = self.context_frames, self.samples_per_frame
-        jobs: dict[tuple[int, int], list] = {}  # (j-th new frame, window length) -> (stream, frame, window (H, len),
-        #                                          keep from, keep to)
-        for i, (s, h, k) in enumerate(zip(streams, hidden, counts)):
-            if not k:
-                continue
-            f0 = s.frames - k  # frames before this call; s.hidden holds frames f0 - len .. f0 - 1
-            seq, seq0 = torch.cat([s.hidden, h], dim=1), f0 - s.hidden.shape[1]
-            for t in range(f0, f0 + k):  # frame t: window [a, t] makes samples out_len(t) .. out_len(t+1)
-                a = self.window_start(t)
-                if a < seq0:
-                    raise RuntimeError(f"conv window needs frame {a}, cache starts at {seq0}")
-                jobs.setdefault((t - f0, t + 1 - a), []).append(
-                    (i, t, seq[:, a - seq0:t + 1 - seq0], self.out_len(t) - U * a, self.out_len(t + 1) - U * a))
-            s.hidden = seq[:, max(0, seq.shape[1] - C):]
-        pieces: list[dict[int, torch.Tensor]] = [{} for _ in streams]  # frame -> its samples
+    def _conv_chunks(self, streams: list[Code2WavStream], final: list[bool]) -> list[torch.Tensor]:
+        U = self.samples_per_frame
+        # (j-th chunk of this call, window length) -> (stream, chunk start, window (H, len), keep from, keep to):
+        # a stream's own chunks never share a batch, so alone it always runs batches of one
+        jobs: dict[tuple[int, int], list] = {}
+        for i, (s, last) in enumerate(zip(streams, final)):
+            j = 0
+            while s.decoded < s.frames and (s.frames >= s.chunk_end or last):
+                b, e = s.decoded, min(s.chunk_end, s.frames)
+                a = self.window_start(b)
+                if a < s.hidden_from:
+                    raise RuntimeError(f"conv window needs frame {a}, cache starts at {s.hidden_from}")
+                window = s.hidden[:, a - s.hidden_from:e - s.hidden_from]
+                jobs.setdefault((j, e - a), []).append((i, b, window, self.out_len(b) - U * a, self.out_len(e) - U * a))
+                s.decoded, s.chunks, j = e, s.chunks + 1, j + 1
+            keep = self.window_start(s.decoded)  # what the next chunk's window reads from
+            s.hidden, s.hidden_from = s.hidden[:, keep - s.hidden_from:], keep
+            if last:
+                s.finished = True
+        pieces: list[list] = [[] for _ in streams]  # (chunk start, samples) per stream
         for group in jobs.values():
             wave = self.vocode(torch.stack([w for _, _, w, _, _ in group]))  # (N, 1, out_len(len))
-            for row, (i, t, _, lo, hi) in enumerate(group):
-                pieces[i][t] = wave[row, 0, lo:hi]
+            for row, (i, b, _, lo, hi) in enumerate(group):
+                pieces[i].append((b, wave[row, 0, lo:hi]))
         out = []
         for s, p in zip(streams, pieces):
-            wave = torch.cat([p[t] for t in sorted(p)]) if p else self.code_embedding.weight.new_zeros(0)
+            wave = torch.cat([w for _, w in sorted(p, key=lambda x: x[0])]) if p else self.code_embedding.weight.new_zeros(0)
             s.emitted += wave.numel()
             out.append(wave)
         return out

@@ -95,15 +95,26 @@ def _codes(m, frames: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(seed))
 
 
-def _stream(m, codes, sizes=None, seed: int = 0) -> list[torch.Tensor]:
-    """codes (Q, T) pushed in groups (`sizes`, or random 1..12 frames); the pieces."""
-    st, out, i, g = m.start(), [], 0, torch.Generator().manual_seed(seed)
+def _stream(m, codes, sizes=None, seed: int = 0, max_chunk: int = 16) -> list[torch.Tensor]:
+    """codes (Q, T) pushed in groups (`sizes`, or random 1..12 frames); the pieces, `finish`'s last."""
+    st, out, i, g = m.start(max_chunk), [], 0, torch.Generator().manual_seed(seed)
     while i < codes.shape[1]:
         k = sizes[len(out)] if sizes else int(torch.randint(1, 13, (1,), generator=g))
         out.append(m.push(st, codes[:, i:i + k]))
         i += k
-    assert m.finish(st).numel() == 0
+    out.append(m.finish(st))
+    assert st.emitted == m.out_len(codes.shape[1])
     return out
+
+
+def _grid(T: int, max_chunk: int = 16) -> list[int]:
+    """The chunk ends of a T-frame stream below T: 1, 3, 7, 15, 31, 47, ..."""
+    ends, e, i = [], 0, 0
+    while e + min(2 ** i, max_chunk) < T:
+        e += min(2 ** i, max_chunk)
+        ends.append(e)
+        i += 1
+    return ends
 
 
 def _maxdiff(a, b) -> float:
@@ -146,8 +157,9 @@ def test_stream_equals_one_shot_for_any_chunking(models):
     assert T > ours.kv_frames + 1 and T > ours.context_frames + 1
     codes = _codes(ours, T, seed=1)[0]
     singles = _stream(ours, codes, sizes=[1] * T)
-    assert singles[0].numel() == ours.out_len(1)
-    assert all(p.numel() == ours.samples_per_frame for p in singles[1:])
+    assert singles[0].numel() == ours.out_len(1)  # the first chunk is one frame: audio after the first frame
+    assert [t + 1 for t, p in enumerate(singles[:-1]) if p.numel()] == _grid(T)  # then chunks of 2, 4, 8, 16
+    assert all(singles[e - 1].numel() == ours.out_len(e) - ours.out_len(b) for b, e in zip([0] + _grid(T), _grid(T)))
     one = torch.cat(singles)
     assert torch.equal(torch.cat(_stream(ours, codes, seed=0)), one)  # bit for bit
     assert torch.equal(torch.cat(_stream(ours, codes, sizes=[T])), one)
@@ -203,21 +215,25 @@ def test_batched_advance_equals_each_alone(build):
     for c, p, st in zip(codes, primed, streams):
         ours.push(st, c[:, :p])
     alone_states = copy.deepcopy(streams)
+    primed_samples = [st.emitted for st in streams]  # up to the last chunk boundary the priming crossed
     got, alone, pos = [[] for _ in codes], [[] for _ in codes], list(primed)
     for step in plan:
         chunks = [c[:, q:q + k] for c, q, k in zip(codes, pos, step)]
         for i, o in enumerate(ours.advance(streams, chunks)):
-            assert o.numel() == ours.out_len(pos[i] + step[i]) - ours.out_len(pos[i])
             got[i].append(o)
             alone[i].append(ours.push(alone_states[i], chunks[i]))
             pos[i] += step[i]
     assert pos == list(lengths)
+    for i, o in enumerate(ours.advance(streams, [c[:, :0] for c in codes], final=[True] * 3)):  # one batched finish
+        got[i].append(o)
+        alone[i].append(ours.finish(alone_states[i]))
+    assert all(s.finished and s.emitted == ours.out_len(n) for s, n in zip(streams, lengths))
     got, alone = [torch.cat(g) for g in got], [torch.cat(a) for a in alone]
     print(f"batched advance of 3 streams vs alone: max abs diff {max(map(_maxdiff, got, alone)):.2e}, "
           f"bit-equal {[torch.equal(g, a) for g, a in zip(got, alone)]}")
     for g, a in zip(got, alone):
         torch.testing.assert_close(g, a, atol=1e-5, rtol=1e-5)
-    want = ours(codes[2][None])[0, 0, ours.out_len(primed[2]):]
+    want = ours(codes[2][None])[0, 0, primed_samples[2]:]
     torch.testing.assert_close(got[2], want, **STREAM_TOL)
 
 
@@ -249,7 +265,8 @@ def test_strict_loading_names_the_key(build, tmp_path):
 def test_planted_bug_is_caught(build, bug, monkeypatch):
     """Streaming bugs are measured against our exact stream: its transformer numbers are then the same bit for
     bit, and conv windows of another length round the same (the control, one frame longer: 0 difference), so
-    what is left is the bug alone."""
+    what is left is the bug alone. Chunks of one frame: every frame's window then starts at its context's
+    edge, where a window that is too short shows (in longer chunks only a chunk's first frames reach it)."""
     ref, ours, _ = build("tiny")
     ours = copy.deepcopy(ours)
     codes = _codes(ours, 80 if bug.startswith("kv") else 30, seed=4)
@@ -257,19 +274,19 @@ def test_planted_bug_is_caught(build, bug, monkeypatch):
         ours.code_offset = ours.code_offset.flip(1)
         d, least = _maxdiff(ours(codes), ref(codes)), PLANTED_MIN
     else:
-        exact = torch.cat(_stream(ours, codes[0], seed=5))
+        exact = torch.cat(_stream(ours, codes[0], seed=5, max_chunk=1))
         if bug.startswith("conv_context"):  # the window starts `cut` frames late once it has context
             cut, start = int(bug[-1]), ours.window_start
             with monkeypatch.context() as m:  # control: one frame more than needed is still exact
                 m.setattr(ours, "context_frames", ours.context_frames + 1)
                 m.setattr(ours, "window_start", lambda t: max(0, start(t) - 1))
-                floor = _maxdiff(torch.cat(_stream(ours, codes[0], seed=5)), exact)
+                floor = _maxdiff(torch.cat(_stream(ours, codes[0], seed=5, max_chunk=1)), exact)
             print(f"code2wav conv window one frame longer (exact): max abs diff {floor:.2e}")
             assert floor < CONTEXT_MIN / 4
             monkeypatch.setattr(ours, "window_start", lambda t: start(t) + cut if start(t) else 0)
         else:
             monkeypatch.setattr(ours, "kv_frames", ours.kv_frames - 3)
-        d = _maxdiff(torch.cat(_stream(ours, codes[0], seed=5)), exact)
+        d = _maxdiff(torch.cat(_stream(ours, codes[0], seed=5, max_chunk=1)), exact)
         # one frame short only loses the receptive field's far edge (a product of edge taps): ~6e-5
         least = CONTEXT_MIN if bug == "conv_context_minus_1" else PLANTED_MIN / 10
     print(f"code2wav planted {bug}: max abs diff {d:.2e}")
