@@ -8,8 +8,11 @@ further in:
   reasoning block's markers, or None), `default_sampling(greedy)`;
 - the speech part, `speech` (None when the checkpoint cannot speak, `speech_error` then says why):
   `codec_hz`, `sample_rate`, `allocate_cache`, `start` (a reply's speech from its first token), `push`,
-  `ready`, `step_batch` (one batched codec step), `add_codes`, `codes_until_ready`, `vocode` (batched
-  vocoder windows), with `voice(name)`, `voices` and `talker_sampling(greedy)` on the model;
+  `ready`, `step` (one batched codec step, a step ahead of the host: it returns each state's codes the host
+  learns now, the step before's), `read` (the codes still in flight of states that did not step), `add_codes`,
+  `codes_until_ready`, `vocode` (batched vocoder windows), with `voice(name)`, `voices` and
+  `talker_sampling(greedy)` on the model; a codec state has `finished`, `codes` (read) and `unread` (drawn,
+  in flight: `len` of it);
 - and what the servers show: `family`, `path`, `default_system_prompt`, `speech_system_prompt`, `captioner`.
 Servers, the web demo, jobs and the CLI load a model only through `load_model` and never name a family.
 """
