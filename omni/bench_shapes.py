@@ -388,8 +388,9 @@ def talker_stage(b: Built, o) -> dict:
         for s in range(steps + 2):
             for st in states:
                 tl.push(st, step_in())
-            t0 = _now(dev)
-            tl.step_batch(tk, states, [tl.TALKER_SAMPLING] * B, gens, min_codes=10**6)
+            t0 = _now(dev)  # as the engine steps: this step's codes stay on the device, the step before's are read
+            tl.draw_batch(tk, states, [tl.TALKER_SAMPLING] * B, gens, min_codes=10**6)
+            tl.read_codes(tk, states, keep=1)
             if s >= 2:  # two warm-up steps
                 times.append(_now(dev) - t0)
         step = statistics.median(times)

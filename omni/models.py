@@ -9,11 +9,13 @@ further in:
 - the speech part, `speech` (None when the checkpoint cannot speak, `speech_error` then says why):
   `codec_hz`, `sample_rate`, `reads_thinker_states` (whether `start`/`push` need a token's Thinker states,
   known once it is fed back, or just its id, known once sampled), `allocate_cache`, `start` (a reply's
-  speech from its first token), `push`,
-  `ready`, `step_batch` (one batched codec step), `codec_ids`, `add_codes`, `codes_until_ready`, `vocode`
-  (batched vocoder windows), and what a conversation keeps for later replies: `new_memory`,
-  `remember_prompt` (a prefilled turn), `remember_token` (a reply token), `talker_prompt` (what `start`
-  reads); with `voice(name)`, `voices`, `default_voice` and `talker_sampling(greedy)` on the model;
+  speech from its first token), `push`, `ready`, `step` (one batched codec step, a step ahead of the host:
+  it returns each state's codes the host learns now, the step before's), `read` (the codes still in flight
+  of states that did not step), `codec_ids`, `add_codes`, `codes_until_ready`, `vocode` (batched vocoder
+  windows), and what a conversation keeps for later replies: `new_memory`, `remember_prompt` (a prefilled
+  turn), `remember_token` (a reply token), `talker_prompt` (what `start` reads); a codec state has
+  `finished`, `codes` (read) and `unread` (drawn, in flight: `len` of it); with `voice(name)`, `voices`,
+  `default_voice` and `talker_sampling(greedy)` on the model;
 - and what the servers show: `family`, `path`, `default_system_prompt`, `speech_system_prompt`, `captioner`.
 Servers, the web demo, jobs and the CLI load a model only through `load_model` and never name a family.
 """

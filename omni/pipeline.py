@@ -114,8 +114,8 @@ class Speech:
     """Qwen2.5-Omni's speech part as the engine drives it (omni.models: "the speech part"): the Talker makes
     codec codes from the conversation's Thinker states, Token2Wav turns them into 24 kHz waves in windows.
 
-    A conversation's speech is two states: the Talker's (`finished`, `codes`, `reset()`) and the vocoder's
-    (`finished`); nothing per request lives here.
+    A conversation's speech is two states: the Talker's (`finished`, `codes` read so far, `unread` codes drawn
+    and not read yet, `reset()`) and the vocoder's (`finished`); nothing per request lives here.
     """
 
     codec_hz = 50  # Talker codes per second of speech
@@ -165,9 +165,18 @@ class Speech:
     def ready(state) -> bool:
         return talker_lib.ready(state)
 
-    def step_batch(self, states: list, samplings: list[SamplingParams], generators: list, min_codes: list[int]) -> list:
-        """The next code of every `ready` state, in one batched step (None where the utterance ended)."""
-        return talker_lib.step_batch(self.talker, states, samplings, generators, min_codes)
+    def step(self, states: list, samplings: list[SamplingParams], generators: list, min_codes: list[int]
+             ) -> list[list[int]]:
+        """One batched Talker step for every `ready` state, a step ahead of the host: each state's next code is
+        drawn and fed to its next step on the device. Returns, per state, the codes the host learns now: those
+        of the step before (read while the device works on this one). A codec end read finishes its state (and
+        is not returned; the code drawn after it is dropped)."""
+        talker_lib.draw_batch(self.talker, states, samplings, generators, min_codes)
+        return talker_lib.read_codes(self.talker, states, keep=1)
+
+    def read(self, states: list) -> list[list[int]]:
+        """Per state, the codes drawn and not read yet (for states that did not step this time), as `step`."""
+        return talker_lib.read_codes(self.talker, states)
 
     @staticmethod
     def codec_ids(state) -> list[int]:

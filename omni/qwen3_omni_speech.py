@@ -53,6 +53,7 @@ class SpeechState:
 
     talker: talker_lib.TalkerState
     memory: TalkerMemory
+    unread = ()  # every frame is read in the step that draws it (its code 0 decides whether speech goes on)
 
     @property
     def codes(self) -> list:
@@ -132,12 +133,18 @@ class Qwen3Speech:
     def ready(state: SpeechState) -> bool:
         return talker_lib.ready(state.talker)
 
-    def step_batch(self, states: list[SpeechState], samplings: list[TalkerSampling], generators: list,
-                   min_codes: list[int]) -> list:
-        """The next frame ((G,) codes) of every `ready` state in one batched step; None where speech ended."""
+    def step(self, states: list[SpeechState], samplings: list[TalkerSampling], generators: list,
+             min_codes: list[int]) -> list[list]:
+        """The next frame ((G,) codes) of every `ready` state in one batched step: per state [frame], or []
+        where speech ended (codec eos)."""
         for st, m in zip(states, min_codes):
             st.talker.min_frames = m
-        return talker_lib.step_batch(self.talker, [s.talker for s in states], samplings, generators)
+        frames = talker_lib.step_batch(self.talker, [s.talker for s in states], samplings, generators)
+        return [[f] if f is not None else [] for f in frames]
+
+    @staticmethod
+    def read(states: list[SpeechState]) -> list[list]:
+        return [[] for _ in states]  # nothing is left in flight
 
     @staticmethod
     def codec_ids(state: SpeechState) -> list[list[int]]:

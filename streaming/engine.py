@@ -17,7 +17,9 @@ The text side runs one step ahead of the host: a sampled token stays on the devi
 next decode step from there, while its value is copied to the host without waiting (pinned
 memory, an event) and read one step later, when the device is busy with the next step. So a
 decode step never waits for the device on CUDA. A stop token is fed one step too early and is
-taken out of the cache again when it is read.
+taken out of the cache again when it is read. The speech part's Talker does the same with its codes
+(`speech.step` returns the codes of the step before); its codec end is seen a step late, and the code
+drawn after it is never spoken.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ class _Turn:
     talker_generator: torch.Generator | None = None
     noise_generator: torch.Generator | None = None
     talker_prompt: object = None  # the speech part's prompt of this reply (its `talker_prompt`)
-    talker: object = None  # the speech part's codec state once the first reply token is fed (finished, codes)
+    talker: object = None  # the speech part's codec state once the first reply token is fed (finished, codes,
+    # unread)
     t2w: object = None  # the speech part's vocoder state (finished)
     min_new_tokens: int = 0
     min_codes: int = 0
@@ -204,11 +207,23 @@ class _Unread:
         return self.host.tolist()
 
 
+def _codes(t: _Turn) -> int:
+    """Codes the turn's Talker has drawn: those read, and those still on their way to the host."""
+    return len(t.talker.codes) + len(t.talker.unread) if t.talker is not None else 0
+
+
 def _room(t: _Turn) -> int:
-    """Output tokens (text and codes) the turn may still make under its max_output_tokens."""
+    """Output tokens (text and codes) the turn may still make under its max_output_tokens.
+
+    Codes not read yet count: one may prove to be the codec's end, which gives its place back (`_spent`)."""
     if t.max_output_tokens is None:
         return 1 << 30
-    return t.max_output_tokens - t.sampled_count - (len(t.talker.codes) if t.talker is not None else 0)
+    return t.max_output_tokens - t.sampled_count - _codes(t)
+
+
+def _spent(t: _Turn) -> bool:
+    """Whether the output budget is spent for certain: not while a code in flight may still be the codec's end."""
+    return _room(t) <= 0 and not (t.talker is not None and t.talker.unread)
 
 
 def continuation_text(closed_reply: bool) -> str:
@@ -444,10 +459,10 @@ class Engine:
                     self._resolve(unread)
                 unread = _Unread.start(sampled) if sampled else None
                 for t in [t for t in self._active if t.sampled_value is not None and not t.text_done
-                          and (t.sampled_count >= t.max_new_tokens or _room(t) <= 0)]:
+                          and (t.sampled_count >= t.max_new_tokens or _spent(t))]:
                     self._limit(t)
-                speaking = [t for t in self._active if t.talker is not None and self.speech.ready(t.talker)
-                            and not t.emit.full()]
+                speaking = [t for t in self._active if t.talker is not None
+                            and (self.speech.ready(t.talker) or t.talker.unread) and not t.emit.full()]
                 if speaking:
                     self._speak(speaking)
                 if self._active or texting or speaking:
@@ -635,17 +650,24 @@ class Engine:
 
     @torch.inference_mode()
     def _speak(self, turns: list[_Turn]) -> None:
-        """One batched Talker step for every turn that can make its next code; Token2Wav on the codes."""
-        for t in [t for t in turns if _room(t) <= 0]:  # the output budget is spent: no more codes
-            self._cut_speech(t)
-        turns = [t for t in turns if not t.talker.finished]
+        """One batched Talker step for every turn that can make its next code; Token2Wav on the codes.
+
+        The step leaves its codes on the device and returns those of the step before; a turn that does not
+        step now has its codes in flight read instead (drawn an iteration ago, so neither waits for the
+        device). A limit (max_codes, the output budget) stops the steps at once and cuts the speech once
+        every code drawn is read: the last of them may be the codec's end, and then the speech ended by itself.
+        """
         sp = self.speech
-        codes = sp.step_batch([t.talker for t in turns], [t.talker_sampling for t in turns],
-                              [t.talker_generator for t in turns], [t.min_codes for t in turns]) if turns else []
-        for t, code in zip(turns, codes):
-            if code is not None:
-                sp.add_codes(t.t2w, [code])
-            if not t.talker.finished and (len(t.talker.codes) >= self.max_codes or _room(t) <= 0):
+        go = [t for t in turns if sp.ready(t.talker) and _room(t) > 0 and _codes(t) < self.max_codes]
+        rest = [t for t in turns if t not in go and t.talker.unread]
+        learned = sp.step([t.talker for t in go], [t.talker_sampling for t in go], [t.talker_generator for t in go],
+                          [t.min_codes for t in go]) if go else []
+        learned += sp.read([t.talker for t in rest]) if rest else []
+        for t, codes in zip(go + rest, learned):
+            if codes:
+                sp.add_codes(t.t2w, codes)
+        for t in turns:
+            if not t.talker.finished and not t.talker.unread and (_codes(t) >= self.max_codes or _room(t) <= 0):
                 self._cut_speech(t)
             if t.talker.finished:
                 t.t2w.finished = True

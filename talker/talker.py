@@ -20,6 +20,12 @@ the reply's end is signalled with `None`. Codes stop at the codec end or pad id;
 id is never sampled; the repetition penalty counts mask (one per prompt row), pad, bos and
 every code so far.
 
+A drawn code stays on the device: it is fed to the next step (its codec embedding) and marked for
+the repetition penalty there, while its value is copied to the host without waiting (`draw_batch`).
+The host reads it when it asks (`read_codes`); a driver that reads each step's codes only after
+launching the next step (the engine) never waits for the device. A codec end is then seen one step
+late: the code drawn after it is dropped, never returned.
+
 HF5_NOTE: the table is what the reference talker's forward does whenever it is given an
 attention mask (Qwen's intended path: `get_rope_index` over prompt + voice bos + first reply
 token, then `past_length + rope_deltas`; codec pad/bos added to the last two prefill rows).
@@ -41,7 +47,7 @@ from torch import nn
 
 from omni.cache import KVCache
 from omni.config import TalkerConfig
-from omni.layers import column_major
+from omni.layers import column_major, to_device
 from omni.sampling import SamplingParams, sample
 from omni.thinker import Decoder
 from omni.types import PromptStates, ThinkerStep
@@ -84,6 +90,28 @@ class Talker(nn.Module):
         return w[code]
 
 
+class _Drawn:
+    """The codes of one batched step, (B,) on the device, on their way to the host (pinned memory and an
+    event on CUDA): read once, for the whole batch, when first asked."""
+
+    def __init__(self, codes: torch.Tensor):
+        self.ready, self._values = None, None
+        if codes.device.type != "cuda":
+            self.host = codes
+            return
+        self.host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
+        self.host.copy_(codes, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def values(self) -> list[int]:
+        if self._values is None:
+            if self.ready is not None:
+                self.ready.synchronize()
+            self._values = self.host.tolist()
+        return self._values
+
+
 def prompt_text(cfg: TalkerConfig, prompt: PromptStates) -> torch.Tensor:
     """Text side of the prompt rows (L, D): input embedding with multimodal pads zeroed, plus hidden."""
     media = torch.tensor([cfg.image_token_index, cfg.video_token_index, cfg.audio_token_index])
@@ -103,7 +131,9 @@ class TalkerState:
     seen: torch.Tensor  # (1, V) bool: codes under the repetition penalty
     logits: torch.Tensor | None = None  # (1, V) for the next code; None while the last code awaits its text
     last_logits: torch.Tensor | None = None  # (1, V) raw logits the latest code was drawn from
-    codes: list[int] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)  # the codes read so far (the codec end not among them)
+    code: torch.Tensor | None = None  # (1,) the latest code drawn, on the device: the next row's codec side
+    unread: deque = field(default_factory=deque)  # (_Drawn, row) of the codes drawn, not read yet, oldest first
     queue: deque = field(default_factory=deque)  # (D,) text sides of reply tokens not yet consumed
     reply_ended: bool = False  # the Thinker's reply is complete (no more ThinkerSteps)
     eod_fed: bool = False
@@ -114,8 +144,9 @@ class TalkerState:
         with torch.inference_mode():  # the cache and `seen` may have been made under inference mode
             self.cache.reset(self.slot)
             self.seen.zero_()
-        self.logits = self.last_logits = None
+        self.logits = self.last_logits = self.code = None
         self.codes.clear()
+        self.unread.clear()
         self.queue.clear()
         self.reply_ended, self.eod_fed, self.finished = False, False, True
 
@@ -188,8 +219,8 @@ def ready(state: TalkerState) -> bool:
     return not state.finished and (state.logits is not None or bool(state.queue) or state.reply_ended)
 
 
-def _next_row(talker: Talker, state: TalkerState) -> torch.Tensor | None:
-    """The input row that yields the next code's logits, or None if they are already there.
+def _next_text(state: TalkerState) -> torch.Tensor | None:
+    """The text side of the row that yields the next code's logits, or None if they are already there.
 
     Consumes the next reply token's states (or <tts_text_eod> once the reply ended, then <tts_pad>)
     and advances the position.
@@ -204,29 +235,24 @@ def _next_row(talker: Talker, state: TalkerState) -> torch.Tensor | None:
         text, state.eod_fed = (state.pad if state.eod_fed else state.eod), True
     else:
         raise RuntimeError("the Talker needs the next ThinkerStep (or None when the reply ended) first")
-    w = talker.thinker_to_talker_proj.weight
     state.position += 1
-    return text.to(w.device, w.dtype) + talker.codec_embed(state.codes[-1])
+    return text
 
 
 def _draw(talker: Talker, state: TalkerState, sampling: SamplingParams, generator: torch.Generator | None,
           min_codes: int) -> torch.Tensor:
-    """Sample the next code from `state.logits`, on the device: (1,)."""
+    """Sample the next code from `state.logits` and mark it for the repetition penalty, on the device: (1,).
+
+    The codes drawn so far are the codes read plus those unread: exact for min_codes unless one of them
+    is the codec end, and then this code is dropped anyway."""
     state.last_logits, state.logits = state.logits, None
     logits = state.last_logits.float().clone()
     logits[:, talker.cfg.tts_codec_start_token_id] = float("-inf")
-    if len(state.codes) < min_codes:
-        logits[:, list(talker.eos_ids)] = float("-inf")
-    return sample(logits, sampling, generator, state.seen)
-
-
-def _accept(talker: Talker, state: TalkerState, code: int) -> int | None:
-    """Record a drawn code; None at codec eos."""
-    if code in talker.eos_ids:
-        state.finished = True
-        return None
-    state.codes.append(code)
-    state.seen[0, code] = True
+    if len(state.codes) + len(state.unread) < min_codes:
+        for eos in talker.eos_ids:  # python indices: no index tensor to copy to the device
+            logits[:, eos] = float("-inf")
+    code = sample(logits, sampling, generator, state.seen)
+    state.seen[0, code] = True  # only a codec end is marked that the host would not mark, and nothing follows it
     return code
 
 
@@ -248,27 +274,70 @@ def step(talker: Talker, state: TalkerState, next_step: ThinkerStep | None | Ell
 @torch.inference_mode()
 def step_batch(talker: Talker, states: list[TalkerState], samplings: list[SamplingParams],
                generators: list[torch.Generator | None], min_codes: int | list[int] = 0) -> list[int | None]:
-    """One code for each of several utterances (each `ready`), with one batched forward.
+    """One code for each of several utterances (each `ready`), with one batched forward, read at once.
 
     All states must share one KV cache (their own slots in it). Equal, row by row, to calling
-    `step` on each. min_codes: one for all, or one per state.
+    `step` on each. min_codes: one for all, or one per state. (`draw_batch` then `read_codes`: this waits
+    for the device; the engine reads a step later instead.)
     """
+    draw_batch(talker, states, samplings, generators, min_codes)
+    return [new[0] if new else None for new in read_codes(talker, states)]
+
+
+@torch.inference_mode()
+def draw_batch(talker: Talker, states: list[TalkerState], samplings: list[SamplingParams],
+               generators: list[torch.Generator | None], min_codes: int | list[int] = 0) -> None:
+    """Draw the next code of each state (each `ready`) with one batched forward, reading nothing back.
+
+    Each state's row feeds its latest code from the device; the new codes are copied to the host without
+    waiting and join each state's `unread`, for `read_codes`.
+    """
+    if not states:
+        return
     mins = min_codes if isinstance(min_codes, list) else [min_codes] * len(states)
-    rows, need = [], []
+    texts, need = [], []
     for st in states:
-        row = _next_row(talker, st)
-        if row is not None:
-            rows.append(row)
+        text = _next_text(st)
+        if text is not None:
+            texts.append(text)
             need.append(st)
     if need:
-        dev = rows[0].device
-        positions = torch.tensor([st.position - 1 for st in need], device=dev).view(1, -1, 1).expand(3, -1, -1)
+        w = talker.thinker_to_talker_proj.weight
+        dev = w.device
+        codec = talker.model.embed_tokens(torch.cat([st.code for st in need]))  # (B, D): the codes still on the device
+        rows = torch.stack([t.to(dev, w.dtype) for t in texts]) + codec
+        positions = to_device(torch.tensor([st.position - 1 for st in need]).view(1, -1, 1).expand(3, -1, -1), dev)
         slots = torch.tensor([st.slot for st in need])
-        logits = talker(torch.stack(rows)[:, None], positions, need[0].cache, slots, last_only=True)  # (B, V)
+        logits = talker(rows[:, None], positions, need[0].cache, slots, last_only=True)  # (B, V)
         for i, st in enumerate(need):
             st.logits = logits[i:i + 1]
-    drawn = torch.cat([_draw(talker, st, sp, g, m) for st, sp, g, m in zip(states, samplings, generators, mins)])
-    return [_accept(talker, st, code) for st, code in zip(states, drawn.tolist())]  # one read for the batch
+    codes = [_draw(talker, st, sp, g, m) for st, sp, g, m in zip(states, samplings, generators, mins)]
+    drawn = _Drawn(torch.cat(codes))
+    for i, (st, code) in enumerate(zip(states, codes)):
+        st.code = code
+        st.unread.append((drawn, i))
+
+
+def read_codes(talker: Talker, states: list[TalkerState], keep: int = 0) -> list[list[int]]:
+    """Read each state's unread codes but its newest `keep`: the new codes of each, in order.
+
+    A codec end finishes the state and is not returned; codes drawn after it are dropped. With keep=1
+    after a `draw_batch`, only codes drawn by earlier steps are read: their copies were queued a step ago.
+    """
+    out = []
+    for st in states:
+        new = []
+        while len(st.unread) > keep:
+            drawn, i = st.unread.popleft()
+            code = drawn.values()[i]
+            if code in talker.eos_ids:
+                st.finished = True
+                st.unread.clear()
+                break
+            st.codes.append(code)
+            new.append(code)
+        out.append(new)
+    return out
 
 
 def generate_codes(talker: Talker, thinker_embed: nn.Embedding, prompt: PromptStates, steps: list[ThinkerStep],

@@ -78,3 +78,42 @@ def test_device_check_dry(tmp_path):
     assert all(d["ttfa_p50_s"] > 0 for d in q25["ttfa"])
     assert q3["thinker"]["decode"][0]["weights_read_gb"] > 0
     assert set(q3["not_available"]) == {"talker", "code2wav", "ttfa"}
+
+
+def test_shape_tables_ship_in_a_wheel(tmp_path):
+    """A non-editable install carries omni/shapes/*.json (setuptools package data): the project built as a
+    wheel and installed into a bare directory finds every shape there, through importlib.resources and
+    through bench_shapes' own reading."""
+    import shutil
+    import zipfile
+
+    import tomllib
+
+    src = tmp_path / "src"  # built from a copy: an in-tree build would leave build/ and *.egg-info behind
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for top in sorted({p.split(".")[0] for p in packages}):
+        shutil.copytree(ROOT / top, src / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"),
+                    str(src)], check=True, timeout=300, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("omni-*.whl")
+    want = sorted(p.name for p in SHAPES_DIR.glob("*.json"))
+    assert len(want) == 3
+    assert sorted(Path(n).name for n in zipfile.ZipFile(wheel).namelist() if n.startswith("omni/shapes/")) == want
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True,
+                   timeout=300, capture_output=True)
+    probe = ("import importlib.resources as r, json, omni, omni.bench_shapes as b\n"
+             "print(json.dumps({'file': omni.__file__, 'names': b.shape_names(),\n"
+             "  'resources': sorted(p.name for p in r.files('omni').joinpath('shapes').iterdir()),\n"
+             "  'types': [b.read_shape(n)['model_type'] for n in b.shape_names()]}))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert Path(got["file"]).is_relative_to(site)  # the installed copy, not this checkout
+    assert got["resources"] == want and got["names"] == [Path(n).stem for n in want]
+    assert got["types"] == ["qwen2_5_omni", "qwen2_5_omni", "qwen3_omni_moe"]

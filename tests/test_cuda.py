@@ -112,6 +112,55 @@ def test_bf16_talker_matches_fp32():
     _close(got[torch.bfloat16][:1], got[torch.float32][:1], f"talker prefill logits on {DEVICE}")
 
 
+@torch.inference_mode()
+def test_talker_step_waits_for_nothing():
+    """The Talker's batched step as the engine runs it (talker.draw_batch: forward, sampling, the codes fed back
+    on the device) only queues work. On CUDA every call in it that would wait for the device raises
+    (torch.cuda.set_sync_debug_mode("error")); on the CPU the same claim is the read count: nothing read but
+    the decoder's own KV bookkeeping (tests/reads.py). The codes reach the host a step later (read_codes)."""
+    from omni.types import PromptStates, ThinkerStep
+    from talker import talker as tl
+    from tests.reads import ScalarReads
+
+    _, low = _pair({"talker"})
+    tk, emb = low.talker, low.thinker.model.embed_tokens
+    g = torch.Generator().manual_seed(0)
+    D = low.cfg.thinker_config.text_config.hidden_size
+    on = lambda *s: torch.randn(*s, generator=g).to(DEVICE, low.dtype)  # noqa: E731
+    cache = tk.model.allocate_cache(3, 64)
+    states = [tl.start(tk, emb, PromptStates(torch.arange(12), on(12, D), on(12, D), torch.arange(12).expand(3, 12)),
+                       1, ThinkerStep(1, on(D), on(D)), cache=cache, slot=i) for i in range(3)]
+    gens = [torch.Generator(device=DEVICE).manual_seed(i) for i in range(3)]
+    forward, reads = tk.forward, {}
+
+    def counted(*a, **k):
+        with ScalarReads() as r:
+            out = forward(*a, **k)
+        reads["forward"] = r.n
+        return out
+
+    tk.forward = counted  # an instance attribute: only this built copy counts
+    try:
+        for s in range(4):  # the first step draws from the prefill's logits, the others run a forward
+            for st in states:
+                tl.push(st, ThinkerStep(1, on(D), on(D)))
+            reads["forward"] = 0
+            if DEVICE.type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                with ScalarReads() as r:
+                    tl.draw_batch(tk, states, [tl.TALKER_SAMPLING] * 3, gens, min_codes=10**6)
+            finally:
+                if DEVICE.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+            assert r.n == reads["forward"] <= 4, (s, r.n, reads)
+            new = tl.read_codes(tk, states, keep=1)
+            assert [len(c) for c in new] == [0 if s == 0 else 1] * 3 and all(len(st.unread) == 1 for st in states)
+    finally:
+        del tk.forward
+    assert [len(c) for c in tl.read_codes(tk, states)] == [1, 1, 1] and all(len(st.codes) == 4 for st in states)
+
+
 @pytest.fixture(scope="module")
 def model(embedded_dir):
     return OmniModel.load(embedded_dir, device=str(DEVICE), dtype=torch.bfloat16, speech=False)

@@ -14,6 +14,7 @@ from omni.processor import Prompt
 from omni.rope import rope_positions
 from streaming.engine import Engine, EngineBusy, EngineConfig, continuation_text
 from tests import media as make
+from tests.reads import ScalarReads
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +141,6 @@ def test_a_reply_that_stops_by_itself_leaves_the_cache_as_a_fresh_run_would(mode
     assert b == r.token_ids
 
 
-class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts tensor -> Python number reads (`int(t)`, `t.item()`): on CUDA each one waits for the device."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
-        return func(*args, **(kwargs or {}))
-
-
 def test_decode_step_reads_no_sampled_token_back(model, monkeypatch):
     """The batched decode step feeds and samples on the device: the only numbers it reads are the cache's
     own lengths (host-side bookkeeping), a fixed few however many conversations it serves. Sampled tokens
@@ -160,7 +149,7 @@ def test_decode_step_reads_no_sampled_token_back(model, monkeypatch):
     decode = Engine._decode
 
     def counted(self, turns, it, sampled):
-        with _ScalarReads() as mode:
+        with ScalarReads() as mode:
             decode(self, turns, it, sampled)
         reads.setdefault(len(turns), []).append(mode.n)
 
