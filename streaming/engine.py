@@ -541,6 +541,10 @@ class Engine:
         turn.t_prefill = time.perf_counter() - t0
         self._active.append(turn)
         self._sample([turn], logits, it, sampled)
+        if turn.speech and not self.speech.reads_thinker_states:
+            # A Talker that needs only ids starts on token 0 in this iteration: read it now (one wait, right
+            # after the prefill) instead of one decode step later, so first audio comes a step sooner.
+            self._resolve(_Unread.start([sampled.pop()]))
 
     @torch.inference_mode()
     def _decode(self, turns: list[_Turn], it: int, sampled: list) -> None:
