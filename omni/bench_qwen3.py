@@ -431,7 +431,7 @@ def _speech_ours(model, n_text: int, frames: int, n_conv: int) -> tuple[dict, li
 
     stages = _Stages((model, "prefill", "thinker prefill"), (model, "decode", "thinker decode"),
                      (sp, "remember_prompt", "talker user rows"), (sp, "start", "talker prefill"),
-                     (sp, "step_batch", "talker step"), (talker_lib, "predict_residuals", "code predictor"),
+                     (sp, "step", "talker step"), (talker_lib, "predict_residuals", "code predictor"),
                      (sp.code2wav, "advance", "code2wav"))
     with stages:
         try:
