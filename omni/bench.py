@@ -23,8 +23,9 @@ from pathlib import Path
 def add_parser(sub, add_model_args) -> None:
     p = sub.add_parser("bench", help="benchmark the engine against transformers' reference",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("what", nargs="?", choices=["engine", "caption", "qwen3"], default="engine",
+    p.add_argument("what", nargs="?", choices=["engine", "caption", "qwen3", "serve"], default="engine",
                    help="engine: against transformers (default); caption: captioning throughput; "
+                        "serve --ray / caption --ray: 2 Ray Serve replicas / Ray Data workers against 1; "
                         "qwen3: Qwen3-Omni's Thinker against transformers at the tiny and moe100m shapes "
                         "(--configs tiny,moe100m); with --speech, speaking: generate with audio out against our engine")
     p.add_argument("--json", metavar="PATH", help="write the results here")
@@ -52,6 +53,9 @@ def add_parser(sub, add_model_args) -> None:
     g.add_argument("--dry", action="store_true", help="the same steps at the family's tiny test shape")
     g.add_argument("--prompt-tokens", type=int, default=2048, help="multimodal prompt rows (default 2048)")
     g.add_argument("--steps", type=int, default=16, help="timed decode steps per level (default 16)")
+    from omni.scale.bench import add_arguments  # imports no Ray
+
+    add_arguments(p)
     add_model_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -206,6 +210,10 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_bench(args) -> int:
+    if getattr(args, "ray", False) or args.what == "serve":
+        from omni.scale.bench import cmd_bench_ray  # Ray is imported only here
+
+        return cmd_bench_ray(args)
     import torch
 
     if args.shape:

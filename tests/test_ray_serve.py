@@ -7,6 +7,7 @@ import asyncio
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,7 +27,7 @@ def test_without_ray_flag_ray_is_not_imported():
     import sys
 
     code = ("import sys; from omni.cli import build_parser; p = build_parser(); "
-            "[p.parse_args(a) for a in (['serve'], ['caption', 'x', '--out', 'o.jsonl'])]; "
+            "[p.parse_args(a) for a in (['serve'], ['caption', 'x', '--out', 'o.jsonl'], ['bench', 'serve', '--ray'])]; "
             "import streaming.server, omni.jobs.caption, omni.bench; assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -35,6 +36,22 @@ def serve_args(*extra: str):
     return build_parser().parse_args(
         ["serve", "--ray", "--replicas", "2", "--port", "0", "--max-sessions", str(SLOTS), "--max-new-tokens", "512",
          "--max-context", "2048", "--api-key", KEY, "--modalities", "text", *extra])
+
+
+def test_the_kuberay_example_is_a_valid_serve_config_of_our_builders():
+    import importlib
+
+    import yaml
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "kuberay-rayservice.yaml").read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    assert [a.route_prefix for a in config.applications] == ["/", "/demo"]
+    for a in config.applications:
+        module, name = a.import_path.split(":")
+        app = getattr(importlib.import_module(module), name)(a.args)
+        assert isinstance(app, Application)
 
 
 @pytest.fixture(scope="module")

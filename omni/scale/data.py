@@ -155,6 +155,8 @@ def run_caption_ray(items: list[Item], out: str | Path, options: CaptionOptions,
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    from omni.scale.cluster import thread_env
+
     if options.speak:
         Path(options.speak).mkdir(parents=True, exist_ok=True)
     job = _Job(None, items, Path(out), options, spec.model_id, progress, spec.captioner)
@@ -174,8 +176,8 @@ def run_caption_ray(items: list[Item], out: str | Path, options: CaptionOptions,
                                 # one call at a time per worker: a call lasts seconds to minutes, and calls queued
                                 # on a busy worker would leave another idle at the end of the job
                                 compute=ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-                                num_cpus=1 if cuda else spec.threads,
-                                num_gpus=1 if cuda else 0)
+                                num_cpus=1 if cuda else spec.threads, num_gpus=1 if cuda else 0,
+                                runtime_env={"env_vars": thread_env(1 if cuda else spec.threads)})
             written: set[str] = set()
             for row in ds.iter_rows():
                 rec = json.loads(row["record"])

@@ -45,7 +45,7 @@ import ray
 from ray import serve
 from ray.serve.api import RunTarget
 
-from omni.scale.cluster import NAMESPACE, connect, free_port
+from omni.scale.cluster import NAMESPACE, connect, free_port, thread_env
 from streaming.server import RealtimeServer
 
 log = logging.getLogger("omni.ray")
@@ -211,7 +211,7 @@ class ReplicaServer(RealtimeServer):
         board = None
         while True:
             try:
-                board = board or _board()
+                board = board or _board(create=True)  # under a Serve config (KubeRay) no driver made it
                 if board is not None:
                     await board.report.remote(self.replica, self.app_name, self.own_metrics(), self.summary())
             except Exception:
@@ -334,7 +334,8 @@ def deployment_options(args, ui: bool = False) -> dict:
     """Serve options for `omni serve`'s flags: replicas or autoscaling, resources, admission, drain."""
     cuda = str(args.device).startswith("cuda")
     opts = dict(
-        ray_actor_options={"num_cpus": 1 if cuda else args.threads, "num_gpus": 1 if cuda else 0},
+        ray_actor_options={"num_cpus": 1 if cuda else args.threads, "num_gpus": 1 if cuda else 0,
+                           "runtime_env": {"env_vars": thread_env(1 if cuda else args.threads)}},
         max_ongoing_requests=args.max_sessions + OPS_HEADROOM, max_queued_requests=QUEUED,
         graceful_shutdown_timeout_s=args.idle_timeout + 15.0, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0)
@@ -366,20 +367,46 @@ def spec_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
+def api_app(args):
+    """The API application (bound, not running) for `omni serve` flags."""
+    api = serve.deployment(name="OmniReplica", **deployment_options(args))(OmniReplica)
+    return api.bind(ReplicaSpec(spec_args(args), args.threads, ui=False, demo=bool(args.ui)))
+
+
+def demo_app(args):
+    """The web demo's one-replica application (route it at DEMO_PREFIX)."""
+    ui = serve.deployment(name="OmniDemo", **deployment_options(args, ui=True))(OmniReplica)
+    return ui.bind(ReplicaSpec(spec_args(args), args.threads, ui=True, demo=True))
+
+
+def _config_args(args: dict):
+    import shlex
+
+    from omni.cli import build_parser
+
+    return build_parser().parse_args(["serve", "--ray", *shlex.split(str(args.get("flags", "")))])
+
+
+def build_api(args: dict):
+    """Serve config entry point (`import_path: omni.scale.serve:build_api`, as in docs/kuberay-rayservice.yaml):
+    args {"flags": "<omni serve flags>"}, e.g. "--model /models/Qwen2.5-Omni-7B --device cuda --replicas 4"."""
+    return api_app(_config_args(args))
+
+
+def build_demo(args: dict):
+    """Serve config entry point for the web demo (route_prefix /demo), the same flags as build_api's."""
+    return demo_app(_config_args(args))
+
+
 def deploy(args, blocking: bool = True) -> dict:
     """Start Serve's proxy on --host:--port and run the API application (and the demo's, with the UI on).
     Ray must be initialised. Returns {"url": ..., "apps": [...]}"""
     port = args.port or free_port(args.host)
     serve.start(http_options={"host": args.host, "port": port})
     _board(create=True)
-    demo = bool(args.ui)
-    api = serve.deployment(name="OmniReplica", **deployment_options(args))(OmniReplica)
-    targets = [RunTarget(api.bind(ReplicaSpec(spec_args(args), args.threads, ui=False, demo=demo)), name=APP,
-                         route_prefix="/")]
-    if demo:
-        ui = serve.deployment(name="OmniDemo", **deployment_options(args, ui=True))(OmniReplica)
-        targets.append(RunTarget(ui.bind(ReplicaSpec(spec_args(args), args.threads, ui=True, demo=True)),
-                                 name=DEMO_APP, route_prefix=DEMO_PREFIX))
+    targets = [RunTarget(api_app(args), name=APP, route_prefix="/")]
+    if args.ui:
+        targets.append(RunTarget(demo_app(args), name=DEMO_APP, route_prefix=DEMO_PREFIX))
     apps = [t.name for t in targets]
     # both at once (each replica loads its model in parallel); serve.run_many waits until they run
     serve.run_many(targets, wait_for_applications_running=False)
