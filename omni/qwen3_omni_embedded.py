@@ -249,20 +249,12 @@ def talker_weights(d: dict, thinker_embed: torch.Tensor) -> dict[str, torch.Tens
     return _per_expert(tk, state)
 
 
+
 @torch.no_grad()
-def code2wav_weights(d: dict, frames: int = 24) -> dict[str, torch.Tensor]:
-    """Seeded fp32 weights of code2wav, re-initialised for an audible wave that depends on the codes.
-
-    transformers' init gives a near-silent wave (SnakeBeta alpha = beta = 0, ConvNeXt gamma 1e-6, layer
-    scale 0.01); a plain N(0, 1/fan_in) grows to ~600 by the last block. So, as tests/test_qwen3_omni_code2wav.py's
-    reference does: SnakeBeta N(0, 0.3), layer scales and gammas N(0.7, 0.2), q/k x3, then each conv rescaled
-    in forward order so its output RMS on random codes is 1 (0.4 on the residual branches, 0.1 for the last:
-    a wave RMS ~0.1, peaks ~0.6, far from the clamp at 1).
-    """
-    from talker.qwen3_omni_code2wav import CausalConv, CausalTransConv, Code2Wav, Code2WavConfig, ResidualUnit
-
-    m = Code2Wav(Code2WavConfig.from_dict(d["code2wav_config"])).eval()
-    g = torch.Generator().manual_seed(SEED + 2)
+def audible_code2wav_params(m, g: torch.Generator) -> None:
+    """Every Code2Wav parameter drawn by its role (by name: the same in transformers' module and ours):
+    SnakeBeta N(0, 0.3), layer scales and gammas N(0.7, 0.2), norms N(1, 0.2), biases N(0, 0.05), weights
+    N(0, 1/fan_in), code embeddings N(0, 1), attention q/k x3. The convs still need rescaling (the caller's)."""
     for name, p in m.named_parameters():
         if name.endswith(("alpha", "beta")):
             p.normal_(0, 0.3, generator=g)
@@ -278,6 +270,22 @@ def code2wav_weights(d: dict, frames: int = 24) -> dict[str, torch.Tensor]:
     for layer in m.pre_transformer.layers:
         layer.self_attn.q_proj.weight.mul_(3)
         layer.self_attn.k_proj.weight.mul_(3)
+
+@torch.no_grad()
+def code2wav_weights(d: dict, frames: int = 24) -> dict[str, torch.Tensor]:
+    """Seeded fp32 weights of code2wav, re-initialised for an audible wave that depends on the codes.
+
+    transformers' init gives a near-silent wave (SnakeBeta alpha = beta = 0, ConvNeXt gamma 1e-6, layer
+    scale 0.01); a plain N(0, 1/fan_in) grows to ~600 by the last block. So, as tests/test_qwen3_omni_code2wav.py's
+    reference does: SnakeBeta N(0, 0.3), layer scales and gammas N(0.7, 0.2), q/k x3, then each conv rescaled
+    in forward order so its output RMS on random codes is 1 (0.4 on the residual branches, 0.1 for the last:
+    a wave RMS ~0.1, peaks ~0.6, far from the clamp at 1).
+    """
+    from talker.qwen3_omni_code2wav import CausalConv, CausalTransConv, Code2Wav, Code2WavConfig, ResidualUnit
+
+    m = Code2Wav(Code2WavConfig.from_dict(d["code2wav_config"])).eval()
+    g = torch.Generator().manual_seed(SEED + 2)
+    audible_code2wav_params(m, g)
     c = m.cfg
     residual = {id(u.conv2.conv) for u in m.modules() if isinstance(u, ResidualUnit)}
     convs = [x.conv for x in m.modules() if isinstance(x, (CausalConv, CausalTransConv))]

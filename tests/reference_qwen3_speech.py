@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omni.qwen3_omni_embedded import audible_code2wav_params
 from tests.reference_qwen3 import build_reference
 
 
@@ -72,21 +73,7 @@ def audible_code2wav(m, seed: int = 0, frames: int = 24) -> None:
     init gives a near-silent wave that hides bugs. Each conv is rescaled to unit output RMS on random codes
     (the residual branches and the last conv less)."""
     g = torch.Generator().manual_seed(seed)
-    for name, p in m.named_parameters():
-        if name.endswith(("alpha", "beta")):
-            p.normal_(0, 0.3, generator=g)
-        elif "layer_scale" in name or name.endswith("gamma"):
-            p.normal_(0.7, 0.2, generator=g)
-        elif name.endswith("weight") and p.dim() == 1:  # norms
-            p.normal_(1.0, 0.2, generator=g)
-        elif name.endswith("bias"):
-            p.normal_(0, 0.05, generator=g)
-        else:
-            p.normal_(0, p[0].numel() ** -0.5, generator=g)
-    m.code_embedding.weight.normal_(0, 1.0, generator=g)
-    for layer in m.pre_transformer.layers:
-        layer.self_attn.q_proj.weight.mul_(3)
-        layer.self_attn.k_proj.weight.mul_(3)
+    audible_code2wav_params(m, g)
     codes = torch.randint(0, m.config.codebook_size, (1, m.config.num_quantizers, frames), generator=g)
     convs = [c for c in list(m.upsample.modules()) + list(m.decoder.modules())
              if isinstance(c, (nn.Conv1d, nn.ConvTranspose1d))]
