@@ -12,10 +12,17 @@ Stages (`--stages`, default all the family has):
   thinker    init time, weight and KV memory, prefill tokens/s of a multimodal prompt, the decode step at
              1/4/8/16 conversations against the bandwidth floor (the bytes a step reads: weights, routed
              experts only for MoE, and the KV rows)
-  talker     the Talker's prefill and decode step (Qwen2.5)
+  talker     the Talker's prefill and decode step against its floor. Qwen3: the prompt's user rows through
+             `prefill_rows` and `start`; a step is one frame (80 ms of speech) per conversation: a Talker
+             forward plus the code predictor's 15 sub-steps (`step_batch`); its floor counts the routed
+             experts only and the code predictor's layers once per sub-step
   token2wav  the first DiT + BigVGAN window and the streaming real-time factor (Qwen2.5)
-  ttfa       time to first audio with lengths forced, driving the stage functions the engine calls (Qwen2.5)
-Qwen3-Omni's Talker and Code2Wav are not in omni yet: those stages report "not available yet".
+  code2wav   Code2Wav (fp32, as a load makes it) streamed on its chunk grid, one frame per stream per call
+             of a batched `advance`, against one-shot `forward` on the same codes; the first chunk (Qwen3)
+  ttfa       time to first audio with lengths forced, driving the stage functions the engine calls. Qwen3
+             as the engine orders an iteration: one prefill (Thinker, then the Talker's), a batched Thinker
+             step, a batched Talker step, a batched Code2Wav advance; conversation 0's first audio split
+             into its parts; then on to --speech-seconds of speech each
 `--dry` runs the same steps at the family's tiny test shape with a few tokens.
 """
 
@@ -36,7 +43,6 @@ TINY = {"qwen2_5_omni": ROOT / "tests" / "data" / "tiny_qwen2_5_omni_config.json
         "qwen3_omni_moe": ROOT / "tests" / "data" / "tiny_qwen3_omni_config.json"}
 STAGES = {"qwen2_5_omni": ("thinker", "talker", "token2wav", "ttfa"),
           "qwen3_omni_moe": ("thinker", "talker", "code2wav", "ttfa")}
-MISSING = {"qwen3_omni_moe": {"talker", "code2wav", "ttfa"}}  # not in omni yet
 
 
 def shape_names() -> list[str]:
@@ -121,7 +127,7 @@ class Built:
         self.family = raw["model_type"]
         self.init_s: dict[str, float] = {}
         self.params: dict[str, int] = {}  # every part, built or not
-        self.thinker = self.talker = self.t2w = None
+        self.thinker = self.talker = self.t2w = self.c2w = None
         with empty_params():
             if self.family == "qwen2_5_omni":
                 from omni.thinker import Thinker
@@ -148,6 +154,12 @@ class Built:
                     self.params["audio encoder"] = nparams(Qwen3OmniAudioEncoder(Qwen3OmniAudioConfig.from_dict(tc.audio_config)))
                 except Exception as e:  # the encoders' own configs may want keys the shape does not record
                     _log(f"encoder sizes not counted ({e})")
+                from talker.qwen3_omni_code2wav import Code2Wav, Code2WavConfig
+                from talker.qwen3_omni_talker import Talker as Qwen3Talker
+
+                talker = Qwen3Talker(self.cfg)
+                c2w = Code2Wav(Code2WavConfig.from_dict(self.cfg.code2wav_config))
+                self.params["talker"], self.params["code2wav"] = nparams(talker), nparams(c2w)
         th = self.thinker
         self.params["thinker decoder"] = nparams(th.model) + nparams(th.lm_head)
         if need & {"thinker", "ttfa"}:
@@ -157,10 +169,14 @@ class Built:
             self.init_s["thinker"] += _now(device) - t0
         elif need & {"talker"}:  # the Talker's prefill reads the Thinker's embedding of a few tokens
             self.init_s["thinker embedding"] = materialise(th.model.embed_tokens, device, dtype)
-        if self.family == "qwen2_5_omni" and need & {"talker", "ttfa"}:
+        if need & {"talker", "ttfa"}:
             self.talker = talker
             self.init_s["talker"] = materialise(talker, device, dtype, 2)
-            talker.fuse(cpu=device.type == "cpu")
+            if self.family == "qwen2_5_omni":
+                talker.fuse(cpu=device.type == "cpu")
+        if self.family == "qwen3_omni_moe" and need & {"code2wav", "ttfa"}:
+            self.c2w = c2w
+            self.init_s["code2wav"] = materialise(c2w, device, torch.float32, 3)  # fp32, as Qwen3OmniModel.load
         if self.family == "qwen2_5_omni" and need & {"token2wav", "ttfa"}:
             from talker.token2wav import Token2Wav
 
@@ -174,11 +190,19 @@ class Built:
             out["talker"] = nbytes(self.talker)
         if self.t2w is not None:
             out["token2wav"] = nbytes(self.t2w.dit) + nbytes(self.t2w.vocoder)
+        if self.c2w is not None:
+            out["code2wav"] = nbytes(self.c2w)
         return out
 
     def kv_bytes_per_token(self, part: str = "thinker") -> int:
-        c = (self.cfg.thinker_config.text_config if part == "thinker" else self.cfg.talker_config)
+        c = (self.cfg.thinker_config.text_config if part == "thinker" else
+             self.cfg.talker_config if self.family == "qwen2_5_omni" else self.talker_text_config())
         return c.num_hidden_layers * 2 * c.num_key_value_heads * c.get_head_dim() * torch.finfo(self.dtype).bits // 8
+
+    def talker_text_config(self):
+        from talker.qwen3_omni_talker import Qwen3OmniTalkerConfig
+
+        return Qwen3OmniTalkerConfig.from_dict(self.cfg.talker_config).text_config
 
 
 def bandwidth_gbs(device: torch.device) -> float:
@@ -211,8 +235,38 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 3 * 2 * n**3 / (_now(device) - t0) / 1e12
 
 
-def estimate_s(b: Built, o, bw: float, tflops: float) -> float:
-    """Seconds the run will take: memory-bound steps from the bytes they read, the rest from its FLOPs."""
+def conv_flops_per_frame(c2w) -> float:
+    """FLOPs of Code2Wav's conv stack per frame: each conv / linear's weight times its rate (samples per frame
+    where it runs), walked in the order the stack applies them (as `Code2Wav._convs`)."""
+    rate, total = 1, 0.0
+    for m in list(c2w.upsample.modules()) + list(c2w.decoder.modules()):
+        if isinstance(m, (nn.Conv1d, nn.Linear)):
+            total += 2 * rate * m.weight.numel()
+        elif isinstance(m, nn.ConvTranspose1d):  # every input sample meets the whole kernel
+            total += 2 * rate * m.weight.numel()
+            rate *= m.stride[0]
+    return total
+
+
+def qwen3_talker_bytes(b: Built, B: int, context: int) -> tuple[int, int, int]:
+    """Bytes one Qwen3 Talker step (a frame for B conversations) reads: (dense and predictor weights, routed
+    experts expected at B rows, KV rows). The code predictor's layers are read once per sub-step (G - 1),
+    each of its heads once; the Talker's codec embedding and hidden_projection are not read by a step."""
+    tk = b.talker
+    dense = sum(p.numel() * p.element_size() for n, p in tk.model.named_parameters()
+                if ".experts." not in n and not n.startswith("codec_embedding")) + nbytes(tk.codec_head) + nbytes(tk.text_projection)
+    cp = tk.code_predictor
+    G = tk.cfg.num_code_groups
+    dense += (G - 1) * nbytes(cp.model, skip=("codec_embedding",)) + nbytes(cp.lm_head)
+    tc = tk.cfg.text_config
+    experts = sum(nbytes(layer.mlp.experts) for layer in tk.model.layers)
+    routed = int(experts * min(1.0, 1 - (1 - tc.num_experts_per_tok / tc.num_experts) ** B))  # distinct experts hit
+    return dense, routed, b.kv_bytes_per_token("talker") * B * context
+
+
+def estimate_s(b: Built, o, bw: float, tflops: float, tflops32: float | None = None) -> float:
+    """Seconds the run will take: memory-bound steps from the bytes they read, the rest from its FLOPs, and
+    (Qwen3's speech, many small kernels) ~10 us a kernel."""
     el = torch.finfo(b.dtype).bits // 8
     th = b.params["thinker decoder"] * el
     tc = b.cfg.thinker_config.text_config
@@ -225,9 +279,30 @@ def estimate_s(b: Built, o, bw: float, tflops: float) -> float:
     step = lambda nb, B: 1.5 * nb / (bw * 1e9) + flops(nb / el, B) / (tflops * 1e12)  # noqa: E731
     if "thinker" in o.stages:
         s += 2 * flops(th / el, P) / (tflops * 1e12) + 2 * sum(n * step(th, B) for B in levels)
-    if "talker" in o.stages and b.talker is not None:
+    q3 = b.family == "qwen3_omni_moe"
+    if q3 and b.talker is not None:
+        tc = b.talker.cfg.text_config
+        routed_all = sum(nparams(layer.mlp.experts) for layer in b.talker.model.layers)
+        active = b.params["talker"] - routed_all * (1 - tc.num_experts_per_tok / tc.num_experts)
+        G = b.talker.cfg.num_code_groups
+
+        def talker_step(B):  # bytes, the rows' FLOPs and the launches of the 15 sub-steps, sampled row by row
+            nb = sum(qwen3_talker_bytes(b, B, P))
+            return 1.5 * nb / (bw * 1e9) + 2 * B * nb / el / (tflops * 1e12) + 1e-5 * (25 * tc.num_hidden_layers + (G - 1) * (100 + 10 * B))
+    if q3 and b.c2w is not None:
+        c2w_frame = (conv_flops_per_frame(b.c2w) + 2 * nparams(b.c2w.pre_transformer)) / ((tflops32 or tflops) * 1e12)
+        c2w_launch = 1e-5 * 15 * len(b.c2w.pre_transformer.layers)  # the transformer's kernels, per frame
+        frames = max(2, round(o.speech_seconds * 12.5))
+    if "talker" in o.stages and b.talker is not None and not q3:
         tk = b.params["talker"] * el
         s += flops(tk / el, P) / (tflops * 1e12) + sum(n * step(tk, B) for B in levels)
+    if "talker" in o.stages and q3:
+        s += 2 * flops(active, P) / (tflops * 1e12) + sum((n + 4) * talker_step(B) for B in levels)
+    if "code2wav" in o.stages and b.c2w is not None:  # streamed at ~2x one-shot's conv work, then one-shot
+        s += sum(frames * (3 * B * c2w_frame + c2w_launch) for B in levels)
+    if "ttfa" in o.stages and q3:
+        s += sum(B * 2 * flops(th / el + active, P) / (tflops * 1e12)
+                 + frames * (step(th, B) + talker_step(B) + 2 * B * c2w_frame + c2w_launch) for B in levels)
     dit_window = 36 * 2 * flops(b.params.get("dit", 0), 2 * 36) / (tflops * 1e12)  # RK4 x CFG over a window
     if "token2wav" in o.stages and b.t2w is not None:
         s += dit_window * (2 + sum(levels) * max(1, o.speech_seconds * 50 / 48))
@@ -319,11 +394,6 @@ def _decode(b: Built, cache, B: int, P: int, next_pos: int, first, dense: int, b
     dev, th = b.device, b.thinker
     slots = torch.arange(B)
     routed: list[int] = []
-    per_expert: dict[int, int] = {}
-    for layer in th.model.layers:
-        ex = getattr(layer.mlp, "experts", None)
-        if ex is not None:
-            per_expert[id(layer.mlp.gate)] = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.down_proj.element_size()
 
     def run(timed: bool) -> list[float]:
         cache.lengths[:B] = P  # the KV rows are there (zeros read as fast as values)
@@ -342,8 +412,7 @@ def _decode(b: Built, cache, B: int, P: int, next_pos: int, first, dense: int, b
 
     run(True)  # warm-up
     times = run(True)
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: routed.append(per_expert[id(m)] * int(out[0].unique().numel())))
-             for layer in th.model.layers if id(getattr(layer.mlp, "gate", None)) in per_expert]
+    hooks = _count_routed(th.model.layers, routed)
     experts = statistics.median(run(False)) if hooks else 0
     for h in hooks:
         h.remove()
@@ -352,6 +421,19 @@ def _decode(b: Built, cache, B: int, P: int, next_pos: int, first, dense: int, b
     floor = nb / (bw * 1e9)
     return {"conversations": B, "step_ms": step * 1e3, "tok_s": B / step, "weights_read_gb": (dense + experts) / 1e9,
             "kv_read_gb": kv / 1e9, "floor_ms": floor * 1e3, "ratio": step / floor}
+
+
+def _count_routed(layers, routed: list) -> list:
+    """Forward hooks on each MoE layer's router: every forward appends the bytes of the distinct experts it
+    routed to to `routed`. Returns the hooks (remove them after)."""
+    hooks = []
+    for layer in layers:
+        ex = getattr(layer.mlp, "experts", None)
+        if ex is not None:
+            per = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.down_proj.element_size()
+            hooks.append(layer.mlp.gate.register_forward_hook(
+                lambda m, a, out, per=per: routed.append(per * int(out[0].unique().numel()))))
+    return hooks
 
 
 def _talker_prompt(b: Built, L: int):
@@ -365,6 +447,8 @@ def _talker_prompt(b: Built, L: int):
 
 @torch.inference_mode()
 def talker_stage(b: Built, o) -> dict:
+    if b.family == "qwen3_omni_moe":
+        return qwen3_talker_stage(b, o)
     from talker import talker as tl
 
     dev, tk = b.device, b.talker
@@ -453,6 +537,8 @@ def ttfa_stage(b: Built, o) -> list[dict]:
     """Time to first audio for B conversations sent a prompt at once, lengths forced (no stop is honoured):
     each prompt prefilled in turn, then one batched Thinker step, Talker step and Token2Wav advance after
     another (the engine's stage functions, not its scheduler) until every conversation has audio."""
+    if b.family == "qwen3_omni_moe":
+        return qwen3_ttfa_stage(b, o)
     from omni.types import PromptStates, ThinkerStep
     from talker import talker as tl
 
@@ -500,6 +586,210 @@ def ttfa_stage(b: Built, o) -> list[dict]:
     return res
 
 
+FRAME_S = 0.08  # Qwen3's codec: 12.5 frames per second of speech
+
+
+def _qwen3_user_turn(b: Built, L: int) -> torch.Tensor:
+    """(L,) ids as the Talker sees a prompt of L rows: a user turn of L - 3 rows (`<|im_start|>user`, text,
+    `<|im_end|>`), then `<|im_start|>assistant\n`. Text ids only: a media row costs the same (hidden_projection
+    is text_projection's shape) and needs grids that speed does not depend on."""
+    c, tc = b.cfg, b.cfg.thinker_config
+    hi = min(tc.text_config.vocab_size, 100_000, c.im_start_token_id, c.im_end_token_id, c.tts_eos_token_id,
+             c.tts_bos_token_id, c.tts_pad_token_id, tc.audio_token_id, tc.image_token_id, tc.video_token_id,
+             tc.audio_start_token_id, tc.vision_start_token_id)
+    body = torch.randint(0, hi, (L - 6,), generator=torch.Generator().manual_seed(L))
+    return torch.cat([torch.tensor([c.im_start_token_id, c.user_token_id]), body,
+                      torch.tensor([c.im_end_token_id, c.im_start_token_id, c.assistant_token_id, body[0]])])
+
+
+def _qwen3_talker_start(b: Built, ids, embeds, hidden, cache, slot: int, frames: int, token: int = 1):
+    """What the engine does with a prefilled prompt: its user rows (`prefill_rows`), the Talker's prefill
+    (`start`), reply token 0 pushed; codec eos blocked for `frames` frames (lengths forced)."""
+    from talker import qwen3_omni_talker as tl
+
+    prompt = tl.prefill_rows(b.talker, ids, embeds, hidden)
+    state = tl.start(b.talker, prompt, b.thinker.model.embed_tokens, "ethan", cache=cache, slot=slot,
+                     max_frames=frames, min_frames=frames)
+    tl.push(state, token)
+    return state
+
+
+@torch.inference_mode()
+def qwen3_talker_stage(b: Built, o) -> dict:
+    """The Talker's prefill of a P-row prompt, then one frame per conversation per step (`step_batch`, the
+    engine's sampling) at the context of that prompt, against the bytes a step reads."""
+    from talker import qwen3_omni_talker as tl
+
+    dev, tk, emb = b.device, b.talker, b.thinker.model.embed_tokens
+    P, levels, steps = o.prompt_tokens, o.levels, o.steps
+    D = b.cfg.thinker_config.text_config.hidden_size
+    frames = steps + 8
+    cache = tk.model.allocate_cache(max(levels), P + 9 + frames + 1)
+    ids = _qwen3_user_turn(b, P)
+    hidden = torch.randn(P, D, device=dev, dtype=b.dtype) * 0.02  # the accept layer's rows (media rows only read)
+    short = _qwen3_user_turn(b, 16)
+    st = _qwen3_talker_start(b, short, emb(short.to(dev)), hidden[:16], cache, 0, frames)  # warm-up
+    tl.step_batch(tk, [st], [tl.TALKER_SAMPLING], [torch.Generator(device=dev).manual_seed(0)])
+    t0 = _now(dev)
+    st = _qwen3_talker_start(b, ids, emb(ids.to(dev)), hidden, cache, 0, frames)
+    prefill_s = _now(dev) - t0
+    rows = int(cache.lengths[0])
+    out = {"prefill_rows": rows, "prefill_s": prefill_s, "prefill_tok_s": rows / prefill_s,
+           "kv_bytes_per_token": b.kv_bytes_per_token("talker"), "frame_s": FRAME_S, "step": []}
+    _log(f"talker: prefill of {rows} rows {prefill_s:.3f} s")
+    routed: list[int] = []
+    for B in levels:
+        states = [_qwen3_talker_start(b, short, emb(short.to(dev)), hidden[:16], cache, i, frames) for i in range(B)]
+        cache.lengths[:B] = rows  # at the context of the full prompt (its KV rows read as fast as these)
+        gens = [torch.Generator(device=dev).manual_seed(i) for i in range(B)]
+        times, counted = [], []
+        for s in range(steps + 4):  # two warm-up steps, the timed ones, two counting the routed experts
+            hooks = _count_routed(tk.model.layers, routed) if s >= steps + 2 else []
+            routed.clear()
+            t0 = _now(dev)
+            tl.step_batch(tk, states, [tl.TALKER_SAMPLING] * B, gens)
+            dt = _now(dev) - t0
+            for h in hooks:
+                h.remove()
+            for i, st in enumerate(states):
+                tl.push(st, 1 + (s * 7 + i) % 1000)  # the next reply token (its id does not change the work)
+            if hooks:
+                counted.append(sum(routed))
+            elif s >= 2:
+                times.append(dt)
+        step = statistics.median(times)
+        dense, _, kv = qwen3_talker_bytes(b, B, rows + steps // 2)
+        experts = statistics.median(counted)
+        floor = (dense + experts + kv) / (o.bandwidth_gbs * 1e9)
+        out["step"].append({"conversations": B, "step_ms": step * 1e3, "frames_s": B / step,
+                            "speech_x_real_time": B * FRAME_S / step, "weights_read_gb": (dense + experts) / 1e9,
+                            "kv_read_gb": kv / 1e9, "floor_ms": floor * 1e3, "ratio": step / floor})
+        _log(f"talker: step x{B}: {step * 1e3:.2f} ms per frame, floor {floor * 1e3:.2f} ms")
+        for st in states:
+            st.reset()
+    return out
+
+
+def _codes(b: Built, B: int, n: int, seed: int = 0) -> torch.Tensor:
+    c = b.c2w.cfg
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, c.codebook_size, (B, c.num_quantizers, n), generator=g).to(b.device)
+
+
+@torch.inference_mode()
+def code2wav_stage(b: Built, o) -> dict:
+    """Streamed (one frame per stream per batched `advance`, as frames come from Talker steps; the chunk grid
+    decides when the conv stack runs; the last call `final`) against one-shot `forward` on the same codes."""
+    c2w, dev = b.c2w, b.device
+    sr = round(c2w.samples_per_frame / FRAME_S)
+    n = max(2, round(o.speech_seconds / FRAME_S))
+    warm = _codes(b, 1, min(n, 4), 99)
+    for _ in range(2):  # warm-up, then the first chunk timed: one frame -> out_len(1) samples
+        st = c2w.start()
+        t0 = _now(dev)
+        first = c2w.advance([st], [warm[0, :, :1]])[0]
+        first_s = _now(dev) - t0
+    c2w(warm)
+    out = {"frames": n, "first_chunk_frames": 1, "first_chunk_samples": first.numel(), "first_chunk_s": first_s,
+           "context_frames": c2w.context_frames, "max_chunk_frames": st.max_chunk_frames, "rtf": []}
+    _log(f"code2wav: first chunk (1 frame -> {first.numel()} samples) {first_s * 1e3:.1f} ms")
+    for B in o.levels:
+        codes = _codes(b, B, n, B)
+        streams = [c2w.start() for _ in range(B)]
+        samples = [0] * B
+        t0 = _now(dev)
+        for k in range(n):
+            waves = c2w.advance(streams, [codes[i, :, k:k + 1] for i in range(B)], final=[k == n - 1] * B)
+            for i, w in enumerate(waves):
+                samples[i] += w.numel()
+            if k and k % max(1, n // 4) == 0:
+                _log(f"code2wav x{B}: {k}/{n} frames")
+        wall = _now(dev) - t0
+        t0 = _now(dev)
+        one = c2w(codes)
+        one_s = _now(dev) - t0
+        audio = samples[0] / sr
+        out["rtf"].append({"conversations": B, "samples_each": samples[0], "samples_min": min(samples),
+                           "expected_samples": c2w.out_len(n), "oneshot_samples": one.shape[-1],
+                           "wall_s": wall, "oneshot_s": one_s, "audio_s_each": audio,
+                           "rtf": wall / audio, "oneshot_rtf": one_s / audio, "stream_over_oneshot": wall / one_s})
+        _log(f"code2wav x{B}: RTF {wall / audio:.3f} streamed, {one_s / audio:.3f} one-shot")
+    return out
+
+
+@torch.inference_mode()
+def qwen3_ttfa_stage(b: Built, o) -> list[dict]:
+    """Time to first audio for B conversations sent a prompt at once, lengths forced (no stop honoured), in
+    the engine's order (streaming/engine.py `_run`): each iteration prefills one waiting prompt (Thinker
+    prefill capturing the Talker's accept layer, `prefill_rows`, the Talker's `start`, reply token 0 pushed
+    at once), steps the Thinker over the conversations prefilled before, steps the Talker over those ready,
+    advances Code2Wav over the frames made. Conversation 0's first audio is split into its parts; then on
+    until every conversation has --speech-seconds of speech."""
+    from talker import qwen3_omni_talker as tl
+
+    dev, th, tk, c2w = b.device, b.thinker, b.talker, b.c2w
+    P, k = o.prompt_tokens, tk.cfg.accept_hidden_layer
+    frames = max(2, round(o.speech_seconds / FRAME_S))
+    ids = _qwen3_user_turn(b, P)
+    res = []
+    for B in o.levels:
+        _, embeds, positions, deepstack, next_pos = _prompt(b, P, dev)
+        cache = th.model.allocate_cache(B, P + frames + 8)
+        tcache = tk.model.allocate_cache(B, P + 9 + frames + 1)
+        gens = [torch.Generator(device=dev).manual_seed(i) for i in range(B)]
+        talkers, streams, toks = [], [c2w.start() for _ in range(B)], []
+        made, ttfa, parts = [0] * B, [None] * B, {}
+        t0 = _now(dev)
+        it = 0
+        while any(m < frames for m in made) or not all(s.finished for s in streams):
+            active = len(talkers)  # prefilled before this iteration
+            if it < B:
+                h, cap = th(embeds, positions, cache, torch.tensor([it]), deepstack=deepstack, capture_layer=k)
+                toks.append(th.lm_head(h[:, -1]).argmax(-1))
+                if it == 0:
+                    parts["first_prefill_s"] = _now(dev) - t0
+                talkers.append(_qwen3_talker_start(b, ids, embeds[0], cap[0], tcache, it, frames, int(toks[-1])))
+                if it == 0:
+                    parts["first_talker_prefill_s"] = _now(dev) - t0 - parts["first_prefill_s"]
+            if active:
+                tok = torch.cat(toks[:active])[:, None]
+                pos = torch.tensor([next_pos + len(talkers[i].frames) for i in range(active)], device=dev)
+                h = th(th.model.embed_tokens(tok), pos.view(1, active, 1).expand(3, active, 1), cache, torch.arange(active))
+                new = th.lm_head(h[:, -1]).argmax(-1)
+                for i, t in enumerate(new.tolist()):  # the host reads the tokens: the Talker takes ids
+                    toks[i] = new[i:i + 1]
+                    if made[i] < frames:
+                        tl.push(talkers[i], t)
+            go = [i for i, st in enumerate(talkers) if tl.ready(st)]
+            if go:
+                t1 = _now(dev) if 0 in go and not made[0] else None
+                got = tl.step_batch(tk, [talkers[i] for i in go], [tl.TALKER_SAMPLING] * len(go), [gens[i] for i in go])
+                if t1 is not None:
+                    parts["first_frame_s"] = _now(dev) - t1
+                feed = [(i, f) for i, f in zip(go, got) if f is not None]
+                for i, _ in feed:
+                    made[i] += 1
+                t2 = _now(dev) if parts.get("first_chunk_s") is None else None
+                waves = c2w.advance([streams[i] for i, _ in feed], [f[:, None] for _, f in feed],
+                                    final=[made[i] >= frames for i, _ in feed])
+                for (i, _), w in zip(feed, waves):
+                    if w.numel() and ttfa[i] is None:
+                        ttfa[i] = _now(dev) - t0
+                        if i == 0:
+                            parts["first_chunk_s"] = _now(dev) - t2
+                            parts["first_chunk_samples"] = w.numel()
+            it += 1
+            if it > B + 4 * frames + 8:
+                raise RuntimeError(f"ttfa x{B}: no progress after {it} iterations (frames made {made})")
+        total = _now(dev) - t0
+        res.append({"conversations": B, "ttfa_p50_s": statistics.median(ttfa), "ttfa_max_s": max(ttfa),
+                    **parts,
+                    "frames_each": frames, "total_s": total, "iterations": it,
+                    "speech_x_real_time": B * frames * FRAME_S / total})
+        _log(f"ttfa x{B}: median {res[-1]['ttfa_p50_s']:.3f} s, all {frames} frames in {total:.2f} s")
+    return res
+
+
 def run_shape(name: str, o) -> dict:
     """o: device, dtype, stages, levels, prompt_tokens, steps, speech_seconds, dry. Returns the figures."""
     dev = torch.device(o.device)
@@ -509,23 +799,23 @@ def run_shape(name: str, o) -> dict:
     unknown = set(stages) - set(STAGES[family])
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))} for {name}; choose from {', '.join(STAGES[family])}")
-    missing = sorted(set(stages) & MISSING.get(family, set()))
-    o.stages = [s for s in stages if s not in missing]
+    o.stages = stages
     o.bandwidth_gbs = bandwidth_gbs(dev)
     tflops = matmul_tflops(dev, o.dtype)
+    tflops32 = matmul_tflops(dev, torch.float32) if {"code2wav", "ttfa"} & set(stages) and o.dtype != torch.float32 else tflops
     _log(f"{name}{' (--dry)' if o.dry else ''} on {dev} in {str(o.dtype).removeprefix('torch.')}: "
          f"{o.bandwidth_gbs:.1f} GB/s, {tflops:.2f} TFLOP/s (matmul); building {', '.join(o.stages) or 'nothing'}")
     t0 = time.perf_counter()
     b = Built(raw, dev, o.dtype, set(o.stages))
     _log(f"built in {time.perf_counter() - t0:.1f} s; this run will take about "
-         f"{estimate_s(b, o, o.bandwidth_gbs, tflops):.0f} s more")
+         f"{estimate_s(b, o, o.bandwidth_gbs, tflops, tflops32):.0f} s more")
     res = {"shape": name, "dry": o.dry, "source": raw.get("_source"), "unverified": raw.get("_unverified", []),
            "device": str(dev), "dtype": str(o.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
            "bandwidth_gb_s": o.bandwidth_gbs, "matmul_tflops": tflops, "init_s": b.init_s,
            "params_b": {k: v / 1e9 for k, v in b.params.items()},
-           "weights_gb": {k: v / 1e9 for k, v in b.weight_bytes().items()},
-           "not_available": {s: "not available yet (no Qwen3-Omni Talker/Code2Wav in omni)" for s in missing}}
-    fns = {"thinker": thinker_stage, "talker": talker_stage, "token2wav": token2wav_stage, "ttfa": ttfa_stage}
+           "weights_gb": {k: v / 1e9 for k, v in b.weight_bytes().items()}}
+    fns = {"thinker": thinker_stage, "talker": talker_stage, "token2wav": token2wav_stage, "code2wav": code2wav_stage,
+           "ttfa": ttfa_stage}
     for s in o.stages:
         t1 = time.perf_counter()
         res[s] = fns[s](b, o)
@@ -551,18 +841,33 @@ def report(r: dict) -> str:
                  for d in t["decode"]]
     if "talker" in r:
         t = r["talker"]
-        lines.append(f"  talker: prefill {t['prefill_rows']} rows {t['prefill_s']:.3f} s")
-        rows += [("talker step", d["conversations"], d["step_ms"], d["floor_ms"], d["ratio"], f"{d['codes_s']:.1f} codes/s")
-                 for d in t["step"]]
+        lines.append(f"  talker: prefill {t['prefill_rows']} rows {t['prefill_s']:.3f} s"
+                     + (f"; a step is one frame ({t['frame_s'] * 1e3:.0f} ms of speech) per conversation" if "frame_s" in t else ""))
+        rows += [("talker step", d["conversations"], d["step_ms"], d["floor_ms"], d["ratio"],
+                  f"{d['frames_s']:.1f} frames/s = {d['speech_x_real_time']:.2f}x real time" if "frames_s" in d
+                  else f"{d['codes_s']:.1f} codes/s") for d in t["step"]]
     if "token2wav" in r:
         t = r["token2wav"]
         lines.append(f"  token2wav: first window ({t['first_window_codes']} codes -> {t['first_window_audio_s']:.2f} s "
                      f"of audio) {t['first_window_s']:.3f} s")
         rows += [("token2wav", d["conversations"], None, None, None, f"RTF {d['rtf']:.3f}") for d in t["rtf"]]
+    if "code2wav" in r:
+        t = r["code2wav"]
+        lines.append(f"  code2wav (fp32): first chunk (1 frame -> {t['first_chunk_samples']} samples) "
+                     f"{t['first_chunk_s'] * 1e3:.1f} ms; {t['frames']} frames streamed on the chunk grid 1, 2, 4, .., "
+                     f"{t['max_chunk_frames']} ({t['context_frames']} frames of context)")
+        rows += [("code2wav", d["conversations"], None, None, None,
+                  f"RTF {d['rtf']:.3f} streamed, {d['oneshot_rtf']:.3f} one-shot ({d['stream_over_oneshot']:.2f}x)")
+                 for d in t["rtf"]]
     rows += [("first audio", d["conversations"], None, None, None,
               f"p50 {d['ttfa_p50_s']:.3f} s, max {d['ttfa_max_s']:.3f} s" if d["ttfa_p50_s"] is not None else "-")
              for d in r.get("ttfa", [])]
-    rows += [(s, "-", None, None, None, why) for s, why in r["not_available"].items()]
+    for d in r.get("ttfa", []):
+        if "first_chunk_s" in d:
+            lines.append(f"  first audio x{d['conversations']}, conversation 0: Thinker prefill {d['first_prefill_s']:.3f} s"
+                         f" + Talker prefill {d['first_talker_prefill_s']:.3f} s + first frame {d['first_frame_s']:.3f} s"
+                         f" + first chunk ({d['first_chunk_samples']} samples) {d['first_chunk_s']:.3f} s; "
+                         f"{d['frames_each']} frames each in {d['total_s']:.2f} s ({d['speech_x_real_time']:.2f}x real time)")
     if rows:
         cells = [("stage", "convs", "step ms", "floor ms", "x floor", "throughput")] + [
             (a, str(n), "-" if s is None else f"{s:.2f}", "-" if f is None else f"{f:.2f}", "-" if x is None else f"{x:.2f}", t)

@@ -57,12 +57,32 @@ def test_published_values():
     assert tq.get_mrope_section() == [24, 20, 20] and tq.rope_params()["interleaved"] is True
     # FACTS.md: the Qwen3 thinker's KV is 96 KiB per token in bf16
     assert tq.num_hidden_layers * 2 * tq.num_key_value_heads * tq.get_head_dim() * 2 == 96 * 1024
+    # FACTS.md's Qwen3 speech part: the Talker and Code2Wav configs parse with no key left over
+    from talker.qwen3_omni_code2wav import Code2Wav, Code2WavConfig
+    from talker.qwen3_omni_talker import Qwen3OmniTalkerConfig
+    from omni.weights import empty_params
+
+    tk, c2 = Qwen3OmniTalkerConfig.from_dict(q3.talker_config), Code2WavConfig.from_dict(q3.code2wav_config)
+    assert tk.extra == {} and c2.extra == {}
+    text, cp = tk.text_config, tk.code_predictor_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_experts, text.num_experts_per_tok) == (20, 1024, 128, 6)
+    assert text.shared_expert_intermediate_size == 768 and text.vocab_size == 3072 and cp.num_hidden_layers == 5
+    assert tk.num_code_groups == cp.num_code_groups == c2.num_quantizers == 16 and tk.accept_hidden_layer == 24
+    assert (tk.codec_pad_id, tk.codec_bos_id, tk.codec_eos_token_id) == (2148, 2149, 2150)
+    assert tk.speaker_id == {"chelsie": 2301, "ethan": 2302, "aiden": 2303}
+    # the Talker's KV is 20 KiB per token in bf16
+    assert text.num_hidden_layers * 2 * text.num_key_value_heads * text.get_head_dim() * 2 == 20 * 1024
+    assert (c2.num_hidden_layers, c2.decoder_dim, c2.sliding_window) == (8, 1536, 72)
+    with empty_params():
+        c2w = Code2Wav(c2)
+    assert c2w.out_len(1) == 1365 and c2w.out_len(10) == 1920 * 10 - 555 and c2w.context_frames == 10
     assert set(shape_names()) >= {"qwen2.5-omni-3b", "qwen2.5-omni-7b", "qwen3-omni-30b-a3b"}
     assert all(p.suffix == ".json" for p in SHAPES_DIR.iterdir())
 
 
 def test_device_check_dry(tmp_path):
-    """scripts/device-check --dry: the CUDA tests on the CPU, then both shape benches at their tiny shapes."""
+    """scripts/device-check --dry: the CUDA tests on the CPU, then both shape benches at their tiny shapes
+    (Qwen3's with its Talker, Code2Wav and first-audio stages)."""
     out = tmp_path / "dc.json"
     env = {**os.environ, "PYTHON": sys.executable}
     p = subprocess.run([str(ROOT / "scripts" / "device-check"), "--dry", str(out)], cwd=ROOT, env=env,
@@ -77,7 +97,48 @@ def test_device_check_dry(tmp_path):
     assert q25["token2wav"]["first_window_s"] > 0 and q25["token2wav"]["rtf"]
     assert all(d["ttfa_p50_s"] > 0 for d in q25["ttfa"])
     assert q3["thinker"]["decode"][0]["weights_read_gb"] > 0
-    assert set(q3["not_available"]) == {"talker", "code2wav", "ttfa"}
+    _check_qwen3_speech(q3, [1, 4])
+
+
+def _check_qwen3_speech(q3: dict, levels: list[int]) -> None:
+    """The Qwen3 speech stages' figures: every level there, positive times, the streamed samples exactly
+    out_len(frames) and one-shot's count, the first chunk one frame (1365 samples at the real rates and the
+    tiny ones), first audio before the end, conversation 0's parts adding up to no more than its first audio."""
+    assert "not_available" not in q3 and q3["weights_gb"]["talker"] > 0 and q3["weights_gb"]["code2wav"] > 0
+    t = q3["talker"]
+    assert t["prefill_s"] > 0 and t["prefill_rows"] > 0 and [d["conversations"] for d in t["step"]] == levels
+    assert all(d["step_ms"] > 0 and 0 < d["floor_ms"] < d["step_ms"] and d["weights_read_gb"] > 0 for d in t["step"])
+    c = q3["code2wav"]
+    assert c["first_chunk_samples"] == 1365 and c["first_chunk_s"] > 0
+    assert [d["conversations"] for d in c["rtf"]] == levels
+    for d in c["rtf"]:
+        assert d["samples_each"] == d["samples_min"] == d["expected_samples"] == d["oneshot_samples"] == 1920 * c["frames"] - 555
+        assert d["rtf"] > 0 and d["oneshot_rtf"] > 0
+    assert [d["conversations"] for d in q3["ttfa"]] == levels
+    for d in q3["ttfa"]:
+        assert 0 < d["ttfa_p50_s"] <= d["ttfa_max_s"] < d["total_s"] and d["first_chunk_samples"] == 1365
+        parts = d["first_prefill_s"] + d["first_talker_prefill_s"] + d["first_frame_s"] + d["first_chunk_s"]
+        assert 0 < parts <= d["ttfa_max_s"] and d["frames_each"] >= 2
+
+
+def test_qwen3_speech_stages_dry(tmp_path):
+    """`omni bench --shape qwen3-omni-30b-a3b --dry` with the speech stages only, in process: the Talker,
+    Code2Wav and first-audio figures at the tiny shape, and the report's rows for them."""
+    import argparse
+
+    import torch
+
+    from omni.bench_shapes import report, run_shape
+
+    torch.set_num_threads(1)
+    o = argparse.Namespace(device="cpu", dtype=torch.bfloat16, stages=["talker", "code2wav", "ttfa"], levels=[1, 2],
+                           prompt_tokens=48, steps=2, speech_seconds=0.4, dry=True)
+    r = run_shape("qwen3-omni-30b-a3b", o)
+    _check_qwen3_speech(r, [1, 2])
+    assert r["code2wav"]["frames"] == 5 and all(d["frames_each"] == 5 for d in r["ttfa"])
+    text = report(r)
+    for row in ("talker step", "code2wav", "first audio", "Talker prefill"):
+        assert row in text, text
 
 
 def test_shape_tables_ship_in_a_wheel(tmp_path):
