@@ -210,7 +210,7 @@ def test_a_stopped_replica_closes_its_sessions_cleanly(served, cluster):
         for c in cs:  # long replies, so each replica has responses running when the stop comes
             await c.send(type="conversation.item.create", item={"type": "message", "role": "user", "content": [
                 {"type": "input_text", "text": "Tell me a long story."}]})
-            await c.send(type="response.create")  # up to the server's --max-new-tokens 512
+            await c.send(type="response.create", response={"max_output_tokens": 160})
         for c in cs:
             await c.until("response.created")
         actor = cluster.get_actor(board[victim][3]["actor"], namespace="serve")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -435,8 +436,10 @@ def wait_running(apps: list[str], timeout: float = 600.0) -> None:
 
 def undeploy(apps: list[str]) -> None:
     """Delete our applications (their replicas drain) and the status board."""
+    running = serve.status().applications
     for a in apps:
-        serve.delete(a, _blocking=True)
+        if a in running:
+            serve.delete(a, _blocking=True)
     board = _board()
     if board is not None:
         ray.kill(board)
@@ -451,8 +454,16 @@ def cmd_serve_ray(args) -> int:
         parse_autoscale(args.autoscale)
     replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
     cuda = str(args.device).startswith("cuda")
-    cpus = None if cuda else max(__import__("os").cpu_count() or 1, (replicas + bool(args.ui)) * args.threads)
+    cpus = None if cuda else max(os.cpu_count() or 1, (replicas + bool(args.ui)) * args.threads)
     started = connect(args.address, args.host, num_cpus=cpus)
+    stop = {"sig": None}
+
+    def on_signal(sig, frame):  # before the deploy: a SIGTERM while replicas start still drains them
+        stop["sig"] = sig
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    info = None
     try:
         info = deploy(args)
         url, ws = info["url"], info["url"].replace("http", "ws", 1)
@@ -461,21 +472,16 @@ def cmd_serve_ray(args) -> int:
         print(f"omni: serving {url}/v1/chat/completions", file=sys.stderr, flush=True)
         if args.ui:
             print(f"omni: web demo at {url}{DEMO_PREFIX}/", file=sys.stderr, flush=True)
-        stop = {"sig": None}
-
-        def on_signal(sig, frame):
-            stop["sig"] = sig
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
         while stop["sig"] is None:
             time.sleep(0.2)
         log.info("%s: draining the replicas", signal.Signals(stop["sig"]).name)
-        undeploy(info["apps"])
-        if started:
-            serve.shutdown()
-        print("omni: server stopped", file=sys.stderr, flush=True)
     finally:
-        if started:
-            ray.shutdown()
+        try:
+            undeploy(info["apps"] if info else [APP, DEMO_APP] if args.ui else [APP])
+            if started:
+                serve.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
+    print("omni: server stopped", file=sys.stderr, flush=True)
     return 0
