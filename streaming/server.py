@@ -383,7 +383,7 @@ def add_parser(subparsers, add_model_args) -> None:
                         "GPU with --device cuda); without --address a local Ray is started on this machine")
     r.add_argument("--address", metavar="HOST:PORT|auto",
                    help="with --ray: join this Ray cluster (auto: the one `ray start` began on this node); "
-                        "default: start a local one, advertised on loopback")
+                        "default: start a local one on this machine (its HTTP proxy on --host)")
     r.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the app (default 1)")
     r.add_argument("--autoscale", metavar="MIN:MAX",
                    help="with --ray: let Serve scale between MIN and MAX replicas by ongoing sessions instead of "

@@ -1,4 +1,5 @@
-"""A real local Ray cluster for the tests: loopback only, dashboard off, usage stats off, shut down after."""
+"""A real local Ray cluster for the tests: dashboard off, usage stats off, Serve's proxy on 127.0.0.1 (Ray's own
+gRPC ports listen as Ray binds them: see omni/scale/cluster.py), shut down after."""
 
 from __future__ import annotations
 

@@ -472,7 +472,7 @@ def add_parser(subparsers, add_model_args) -> None:
                         "without --address a local Ray is started on this machine")
     r.add_argument("--address", metavar="HOST:PORT|auto",
                    help="with --ray: join this Ray cluster (auto: the one `ray start` began on this node); "
-                        "default: start a local one, advertised on loopback")
+                        "default: start a local one on this machine")
     r.add_argument("--workers", type=int, default=1,
                    help="with --ray: engines in the actor pool (one GPU each with --device cuda), default 1")
     r.add_argument("--threads", type=int, default=1,

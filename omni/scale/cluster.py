@@ -32,9 +32,15 @@ def require_ray():
 
 def connect(address: str | None, host: str = "127.0.0.1", num_cpus: int | None = None) -> bool:
     """ray.init: join `address` ("auto", "HOST:6379", "ray://...") or start a local Ray on this machine
-    (dashboard off, no usage stats; advertised on loopback unless `host` is another address, so no other
-    machine is asked to join it). Returns whether a local Ray was started here (the caller shuts it down).
-    num_cpus: the CPUs a local Ray declares (a scheduling budget: default this machine's count)."""
+    (dashboard off, no usage statistics, token authentication on as Ray 2.60 has it by default). Returns
+    whether a local Ray was started here (the caller shuts it down). num_cpus: the CPUs a local Ray declares
+    (a scheduling budget: default this machine's count).
+
+    What listens where: Serve's HTTP proxy binds `--host` (deploy's http_options). Ray's own ports do not
+    follow it: this wheel's GCS, raylet and worker gRPC servers listen on every interface (measured with
+    `ss -ltnp`), and ray.init turns a node address of 127.0.0.1 into the machine's routable one
+    (services.resolve_ip_for_localhost); the token is what guards them. A `--host` that names one of this
+    machine's addresses is passed on as the node's address."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = require_ray()
     if ray.is_initialized():
@@ -43,7 +49,7 @@ def connect(address: str | None, host: str = "127.0.0.1", num_cpus: int | None =
     if address:
         ray.init(address=address, namespace=NAMESPACE, **quiet)
         return False
-    node_ip = "127.0.0.1" if is_loopback(host) else (None if host in ("0.0.0.0", "::") else host)
+    node_ip = None if is_loopback(host) or host in ("0.0.0.0", "::") else host
     ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=NAMESPACE,
              **({"_node_ip_address": node_ip} if node_ip else {}), **quiet)
     return True
