@@ -98,6 +98,30 @@ async def _sessions(ws_url: str, n: int, turns: int, key: str | None = None) -> 
     return {"wall_s": wall, "replies": replies[0], "speech_s": speech[0], "ttfa": [x for x in ttfa if x is not None]}
 
 
+async def _round_trips(urls: dict[str, str], n: int) -> dict[str, float]:
+    """Median seconds of a small client event and the server's answer (session.update -> session.updated) on
+    one open session per url, alternating: the transport's share of any reply's first delta, free of the
+    model's compute time (which is what makes time-to-first-audio samples noisy)."""
+    from websockets.asyncio.client import connect
+
+    wss = {k: await connect(u, max_size=None) for k, u in urls.items()}
+    out: dict[str, list[float]] = {k: [] for k in urls}
+    try:
+        for ws in wss.values():
+            await _until(ws, "session.created")
+        for i in range(n):
+            for k, ws in wss.items():
+                t0 = time.perf_counter()
+                await ws.send(json.dumps({"type": "session.update", "session": {
+                    "type": "realtime", "instructions": f"Be brief ({i})."}}))
+                await _until(ws, "session.updated")
+                out[k].append(time.perf_counter() - t0)
+    finally:
+        for ws in wss.values():
+            await ws.close()
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 async def _until(ws, kind: str) -> dict:
     while True:
         ev = json.loads(await asyncio.wait_for(ws.recv(), 120))
@@ -199,8 +223,15 @@ def run_serve_bench(sessions: int = 4, turns: int = 3, ttfa_turns: int = 12, pri
                 for name, url in (("serve", ws_serve), ("direct", ws_direct)):
                     samples[name] += asyncio.run(_sessions(url, 1, 1))["ttfa"]
             med = {k: statistics.median(v) for k, v in samples.items()}
+            rt = asyncio.run(_round_trips({"serve": ws_serve, "direct": ws_direct}, 200))
             res["ttfa"] = {"serve_median_s": round(med["serve"], 4), "direct_median_s": round(med["direct"], 4),
-                           "proxy_added_ms": round(1000 * (med["serve"] - med["direct"]), 1), "samples": ttfa_turns}
+                           "proxy_added_ms": round(1000 * (med["serve"] - med["direct"]), 1), "samples": ttfa_turns,
+                           "round_trip_serve_ms": round(1000 * rt["serve"], 2),
+                           "round_trip_direct_ms": round(1000 * rt["direct"], 2),
+                           "round_trip_added_ms": round(1000 * (rt["serve"] - rt["direct"]), 2)}
+            print_fn(f"one event and its answer (session.update), medians of 200: through Serve "
+                     f"{1000 * rt['serve']:.2f} ms, plain omni serve {1000 * rt['direct']:.2f} ms: the proxy adds "
+                     f"{res['ttfa']['round_trip_added_ms']:.2f} ms to every client-to-server-to-client trip")
             print_fn(f"time to first audio, one session: through Serve {1000 * med['serve']:.1f} ms, plain omni serve "
                      f"{1000 * med['direct']:.1f} ms (medians of {ttfa_turns}): the proxy adds "
                      f"{res['ttfa']['proxy_added_ms']:.1f} ms")
@@ -211,8 +242,10 @@ def run_serve_bench(sessions: int = 4, turns: int = 3, ttfa_turns: int = 12, pri
         res["targets"] = [
             {"what": "2 replicas' speech per wall second >= 1.7 x one's", "value": f"{res['speedup']}x",
              "met": res["speedup"] >= 1.7},
-            {"what": "Serve's proxy adds <= 20 ms to time to first audio",
-             "value": f"{res['ttfa']['proxy_added_ms']} ms", "met": res["ttfa"]["proxy_added_ms"] <= 20}]
+            {"what": "Serve's proxy adds <= 20 ms to time to first audio (medians of whole turns: noisy)",
+             "value": f"{res['ttfa']['proxy_added_ms']} ms", "met": res["ttfa"]["proxy_added_ms"] <= 20},
+            {"what": "... and to the round trip a first audio delta rides on (response.create in, delta out)",
+             "value": f"{res['ttfa']['round_trip_added_ms']} ms", "met": res["ttfa"]["round_trip_added_ms"] <= 20}]
         return res
     finally:
         serve.shutdown()
