@@ -48,7 +48,7 @@ def add_parser(sub, add_model_args) -> None:
     g = p.add_argument_group("published shapes with random weights (omni/bench_shapes.py)")
     g.add_argument("--shape", metavar="NAME", help="qwen2.5-omni-3b, qwen2.5-omni-7b or qwen3-omni-30b-a3b: build it "
                    "on --device with random weights and measure it (concurrency default 1,4,8,16; --dtype of the Thinker and "
-                   "Talker default bfloat16 on every device, Token2Wav float32)")
+                   "Talker default bfloat16 on every device, Token2Wav and Code2Wav float32)")
     g.add_argument("--stages", help="a subset of thinker,talker,token2wav,ttfa (Qwen3: thinker,talker,code2wav,ttfa)")
     g.add_argument("--dry", action="store_true", help="the same steps at the family's tiny test shape")
     g.add_argument("--prompt-tokens", type=int, default=2048, help="multimodal prompt rows (default 2048)")
