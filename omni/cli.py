@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add a subcommand: each has `add_parser(subparsers, add_model_args)`, kept cheap to
 # import (heavy imports inside the handler), and sets `func` on its parser.
-SUBCOMMANDS: list[str] = ["omni.jobs.caption", "streaming.server", "omni.bench"]
+SUBCOMMANDS: list[str] = ["omni.jobs.caption", "streaming.serve_cli", "omni.bench"]
 
 
 def resolve_model(path: str | None) -> Path:

@@ -420,7 +420,7 @@ def test_sessions_concurrent_limit_and_freed_slots(server):
     assert late_done["status"] == "incomplete"
 
 
-def test_omni_serve_cli_health_and_sigterm(model_dir, tmp_path):
+def test_omni_serve_cli_health_and_sigterm(embedded_dir, tmp_path):  # the CLI path is the same for both families: once
     """`omni serve` as a user runs it; SIGTERM mid-response: response.done (cancelled), close 1001, exit 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMNI_API_KEY": KEY}
     p = subprocess.Popen([sys.executable, "-m", "omni", "serve", "--port", "0", "--max-sessions", "2",
