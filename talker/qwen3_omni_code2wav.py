@@ -425,7 +425,7 @@ class Code2Wav(nn.Module):
         return self._conv_chunks(streams, final or [False] * len(streams))
 
     def _transformer_steps(self, streams, new, counts) -> list[torch.Tensor | None]:
-        c, W = self.cfg, self.cfg.sliding_window
+        W = self.cfg.sliding_window
         out: list[list[torch.Tensor]] = [[] for _ in streams]
         for j in range(max(counts, default=0)):
             idx = [i for i, k in enumerate(counts) if k > j]

@@ -22,7 +22,7 @@ def sharpen_talker(model, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     talker = model.talker
     tc = model.config.talker_config
-    V, eos = tc.text_config.vocab_size, tc.codec_eos_token_id
+    V = tc.text_config.vocab_size
 
     def qk(layers):  # sharp attention whose output weighs as much as the residual stream
         for layer in layers:

@@ -9,11 +9,10 @@ import torch
 
 from omni.pipeline import GenerationResult, OmniModel
 from omni.sampling import GREEDY, SamplingParams
-from omni.types import Done, Error, Image, Message, Text, TextDelta
+from omni.types import Done, Error, Image, Message, TextDelta
 from omni.processor import Prompt
 from omni.rope import rope_positions
 from streaming.engine import Engine, EngineBusy, EngineConfig, continuation_text
-from tests import media as make
 from tests.reads import ScalarReads
 
 

@@ -12,7 +12,6 @@ import http.client
 import http.server
 import io
 import json
-import os
 import struct
 import threading
 import time
