@@ -115,21 +115,23 @@ def test_exactly_once_across_a_killed_worker(cluster, media_dir, spec, tmp_path)
 
     items, _ = expand([str(media_dir)])
     out = tmp_path / "c.jsonl"
-    killed = []
+    killed, after = [], []
 
     def on_record(rec):
-        if not killed:  # the first batch is in: kill the worker that is busiest now, mid-batch
+        if killed:
+            after.append(rec)
+        else:  # the first batch is in: kill the worker that is busiest now, mid-batch
             pids = worker_pids()
             assert pids, "no CaptionWorker process found"
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
-    summary, stats = run_caption_ray(items, out, spec().options, spec(), workers=2, progress=None, items_per_call=2,
-                                     on_record=on_record)
+    summary, _ = run_caption_ray(items, out, spec().options, spec(), workers=2, progress=None, items_per_call=2,
+                                 on_record=on_record)
     assert killed
     check_once(out, media_dir)
     assert (summary.done, summary.failed) == (GOOD, BAD)
-    assert len(stats.worker_pids) >= 2  # both workers captioned; the pool went on after the kill
+    assert after  # the pool went on after the kill (which worker took the retried batch is Ray's to choose)
 
     again, _ = run_caption_ray(items, out, spec().options, spec(), workers=2, progress=None)
     assert (again.done, again.failed, again.skipped, again.failed_before) == (0, 0, GOOD, BAD)
