@@ -12,7 +12,7 @@ further in:
   speech from its first token), `push`, `ready`, `step` (one batched codec step, a step ahead of the host:
   it returns each state's codes the host learns now, the step before's), `read` (the codes still in flight
   of states that did not step), `codec_ids`, `add_codes`, `codes_until_ready`, `vocode` (batched vocoder
-  windows), and what a conversation keeps for later replies: `new_memory`, `remember_prompt` (a prefilled
+  windows; the engine may run them on a worker of their own), `move_vocoder(device)`, and what a conversation keeps for later replies: `new_memory`, `remember_prompt` (a prefilled
   turn), `remember_token` (a reply token), `talker_prompt` (what `start` reads); a codec state has
   `finished`, `codes` (read) and `unread` (drawn, in flight: `len` of it); with `voice(name)`, `voices`,
   `default_voice` and `talker_sampling(greedy)` on the model;

@@ -193,6 +193,11 @@ class Speech:
         """Every ready window of several utterances, batched: each one's new final wave chunks."""
         return self.token2wav.advance(vstates)
 
+    def move_vocoder(self, device: torch.device) -> None:
+        """Token2Wav onto `device` (an engine's speech worker's); a voice goes there at each `start`."""
+        self.token2wav.dit.to(device)
+        self.token2wav.vocoder.to(device)
+
 
 class OmniModel(ThinkerModel):
     family = "Qwen2.5-Omni"

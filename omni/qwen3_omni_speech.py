@@ -176,3 +176,7 @@ class Qwen3Speech:
         for v in go:
             v.pending = []
         return [out.get(id(v), []) for v in vstates]
+
+    def move_vocoder(self, device: torch.device) -> None:
+        """Code2Wav onto `device` (an engine's speech worker's); frames follow it in `advance`."""
+        self.code2wav.to(device)

@@ -1,4 +1,4 @@
-"""The engine: one worker thread owns the model and the device; asyncio callers talk to it.
+"""The engine: a worker thread owns the model and the device; asyncio callers talk to it.
 
     engine = Engine.load(model_dir, device="cpu", config=EngineConfig(max_sessions=8))
     conv = engine.open_conversation(voice="Chelsie")
@@ -20,6 +20,15 @@ decode step never waits for the device on CUDA. A stop token is fed one step too
 taken out of the cache again when it is read. The speech part's Talker does the same with its codes
 (`speech.step` returns the codes of the step before); its codec end is seen a step late, and the code
 drawn after it is never spoken.
+
+Stages and placement: the Thinker and the Talker run on the engine's worker; the speech decoder (the
+speech part's vocoder: Token2Wav, Code2Wav) runs on a speech worker of its own by default, fed the codes
+as the Talker's are read and putting the audio on each reply's outbox itself (streaming/speech_stage.py:
+back-pressure, cancel, errors). On the CPU the two split the thread budget (`threads`, `speech_threads`);
+on CUDA the speech worker has its own stream, or its own device (`speech_device`). With
+`speech_worker=False` (the CPU's default) the engine's worker runs every stage in turn: on a CPU the
+decoder of a small model is mostly Python dispatch under the GIL, so beside a busy Thinker/Talker thread
+it runs ~1.5x slower (measured on the embedded default), more than the second core gives back.
 """
 
 from __future__ import annotations
@@ -42,14 +51,10 @@ from omni.media import MediaError
 from omni.pipeline import OmniModel, SpeechError, Voice, _Detokenizer, generators
 from omni.processor import Prompt
 from omni.sampling import SamplingParams, sample
-from omni.types import AudioDelta, Done, Error, Event, Message, Part, Text, TextDelta, ThinkerStep
-from omni.wav import to_pcm16
+from omni.types import Done, Error, Event, Message, Part, Text, TextDelta, ThinkerStep
+from streaming.speech_stage import Inline, SpeechWorker
 
 log = logging.getLogger("omni.engine")
-
-
-T2W_SLACK = 4  # a ready DiT window waits for another conversation at most this many codes away ...
-T2W_MAX_WAIT = 4  # ... and for at most this many Talker steps
 
 
 class EngineBusy(RuntimeError):
@@ -67,6 +72,13 @@ class EngineConfig:
     events_buffered: int = 64  # per response: the worker pauses a response whose consumer is this far behind
     inbox_size: int = 256  # pending commands (turns, cancels, closes)
     preprocess_threads: int = 2  # media decoding / featurising, off the worker and off the event loop
+    speech_worker: bool | None = None  # the speech decoder on a worker of its own; None: on CUDA yes, on the CPU
+    # no (measured there: the two workers contend for Python's GIL and lose more than the second core brings)
+    threads: int | None = None  # CPU threads of the engine's workers together (None: torch's count, i.e. the cores)
+    speech_threads: int | None = None  # of those, the speech worker's (None: half, at least 1)
+    speech_device: str | None = None  # the speech decoder's device (None: the model's; on CUDA its own stream)
+    speech_ahead_s: float = 2.0  # back-pressure: a reply's Talker waits while this much of its speech waits for the
+    # speech worker
 
 
 @dataclass(eq=False)  # identity: turns and conversations are looked up in lists
@@ -130,15 +142,17 @@ class _Turn:
     noise_generator: torch.Generator | None = None
     talker_prompt: object = None  # the speech part's prompt of this reply (its `talker_prompt`)
     talker: object = None  # the speech part's codec state once the first reply token is fed (finished, codes,
-    # unread)
-    t2w: object = None  # the speech part's vocoder state (finished)
+    # unread); its vocoder state goes to the speech stage
     min_new_tokens: int = 0
     min_codes: int = 0
-    audio_index: int = 0
+    audio_index: int = 0  # these three are the speech stage's (streaming/speech_stage.py)
     audio_samples: int = 0
-    t2w_waited: int = 0  # Talker steps a ready DiT window has waited for company
-    speech_cut: bool = False  # the speech was stopped by a limit (max_codes or max_output_tokens)
     t_first_audio: float | None = None
+    codes_sent: int = 0  # codes given to the speech stage, and those it has taken in (its back-pressure)
+    codes_taken: int = 0
+    speech_ended: bool = False  # the speech stage was told the speech ends
+    spoken: bool = False  # the speech stage has sent all of it
+    speech_cut: bool = False  # the speech was stopped by a limit (max_codes or max_output_tokens)
     done: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) after the last event
 
 
@@ -152,18 +166,26 @@ def _inside(ids: list[int], open_id: int, close_id: int) -> bool:
 
 
 class _Outbox:
-    """Worker -> asyncio: a bounded event queue plus a count the worker reads for back-pressure."""
+    """Workers -> asyncio: a bounded event queue plus a count the workers read for back-pressure.
+
+    The response's final event seals it: what the speech worker decodes after a cancel is not sent."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int):
         self.loop, self.limit = loop, limit
         self.q: asyncio.Queue = asyncio.Queue()
         self.outstanding = 0
+        self.sealed = False
         self.lock = threading.Lock()
 
-    def put(self, ev: Event) -> None:
+    def put(self, ev: Event, final: bool = False) -> bool:
+        """Queue `ev` (False, and nothing queued, once the final event is in)."""
         with self.lock:
+            if self.sealed:
+                return False
             self.outstanding += 1
-        self.call(self.q.put_nowait, ev)
+            self.sealed = final
+            self.call(self.q.put_nowait, ev)  # under the lock: the final event goes after every other
+        return True
 
     def call(self, fn, *args) -> None:
         try:
@@ -394,7 +416,24 @@ class Engine:
         self._waiting: list[_Turn] = []
         self._active: list[_Turn] = []
         self._stop = threading.Event()
-        self.busy_s = 0.0  # seconds the worker spent in model steps (prefill, decode, talker, token2wav)
+        self.busy_s = 0.0  # seconds the engine's worker spent in model steps (prefill, decode, talker, inline vocoder)
+        self.stage_busy_s = {"thinker": 0.0, "talker": 0.0}  # the engine's worker, by stage (the vocoder's: stats())
+        threads = config.threads or torch.get_num_threads()
+        split = self.speech is not None and (config.speech_worker if config.speech_worker is not None
+                                             else model.device.type == "cuda")
+        speech_threads = (config.speech_threads or max(1, threads // 2)) if split else 0
+        self.threads = max(1, threads - speech_threads)  # the engine's worker's
+        self._voc: Inline | SpeechWorker | None = None
+        if self.speech is not None:
+            ahead = max(1, round(config.speech_ahead_s * self.speech.codec_hz))
+            if not split:
+                self._voc = Inline(self.speech, ahead)
+            else:
+                device = torch.device(config.speech_device) if config.speech_device else model.device
+                if device != model.device:
+                    self.speech.move_vocoder(device)
+                self._voc = SpeechWorker(self.speech, ahead, self._spoken, self._speech_failed, speech_threads,
+                                         model.device, device)
         self._worker = threading.Thread(target=self._run, name="omni-engine", daemon=True)
         self._worker.start()
 
@@ -424,7 +463,32 @@ class Engine:
         self._stop.set()
         self._command(("wake", None))
         self._worker.join(timeout)
+        if self._voc is not None:
+            self._voc.close(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict:
+        """Placement and busy seconds per stage (for /metrics): which stage saturates, on which worker."""
+        workers = [{"worker": "engine", "device": str(self.model.device), "threads": self.threads,
+                    "stages": ["thinker", "talker"] + (["vocoder"] if isinstance(self._voc, Inline) else [])}]
+        busy = [{"stage": k, "worker": "engine", "s": v} for k, v in self.stage_busy_s.items()]
+        if self._voc is not None:
+            v = self._voc
+            where = "speech" if isinstance(v, SpeechWorker) else "engine"
+            if where == "speech":
+                workers.append({"worker": "speech", "device": str(v.device), "threads": v.threads, "stages": ["vocoder"]})
+            busy.append({"stage": "vocoder", "worker": where, "s": v.busy_s})
+        active = list(self._active)
+        return {"workers": workers, "busy": busy,
+                "speech_queue_codes": sum(t.codes_sent - t.codes_taken for t in active if t.talker is not None),
+                "speaking": sum(1 for t in active if t.talker is not None and not t.spoken),
+                "decoding": self._voc.stats()["utterances"] if self._voc is not None else 0}
+
+    def _spoken(self, turn: _Turn) -> None:  # the speech worker's: a reply's audio is all out
+        self._command(("spoken", turn))
+
+    def _speech_failed(self, turn: _Turn, message: str) -> None:
+        self._command(("speech_failed", (turn, message)))
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":  # so busy_s counts device time, not launch time
@@ -437,11 +501,13 @@ class Engine:
             self._inbox.put(cmd)
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's budget (the speech worker sets its own)
         it = 0
         unread: _Unread | None = None  # tokens sampled in the previous iteration, on their way to the host
+        idle = 0.1
         while not self._stop.is_set():
             try:
-                self._drain(block=not (self._active or self._waiting))
+                self._drain(idle)
                 t0 = time.perf_counter()
                 it += 1
                 sampled: list[tuple[_Turn, torch.Tensor]] = []
@@ -461,25 +527,36 @@ class Engine:
                 for t in [t for t in self._active if t.sampled_value is not None and not t.text_done
                           and (t.sampled_count >= t.max_new_tokens or _spent(t))]:
                     self._limit(t)
-                speaking = [t for t in self._active if t.talker is not None
-                            and (self.speech.ready(t.talker) or t.talker.unread) and not t.emit.full()]
+                t1 = time.perf_counter()
+                self.stage_busy_s["thinker"] += t1 - t0
+                speaking = [t for t in self._active if t.talker is not None and not t.emit.full()
+                            and ((self.speech.ready(t.talker) and not self._voc.behind(t)) or t.talker.unread)]
                 if speaking:
                     self._speak(speaking)
                 if self._active or texting or speaking:
                     self._sync()
-                    self.busy_s += time.perf_counter() - t0
-                if self._active and not texting and not speaking and unread is None:
-                    time.sleep(0.002)  # every consumer is behind: wait for them
+                    now = time.perf_counter()
+                    self.stage_busy_s["talker"] += now - t1
+                    self.busy_s += now - t0
+                # nothing to do: every consumer is behind, or the speech worker is: wait for them (its word wakes us)
+                idle = 0.002 if self._active and not texting and not speaking and unread is None else (
+                    None if self._active or self._waiting else 0.1)
             except Exception as e:  # never let one bad step kill the worker
                 log.exception("engine step failed")
                 unread = None
                 for t in self._active + self._waiting:
                     self._finish(t, error=Error("internal", f"engine error: {e}"))
                 self._active, self._waiting = [], []
+        self._drain(None)
+        for t in self._active + self._waiting:  # shut down: no response waits forever for its end
+            t.cancelled = t.cancelled or "engine_shutdown"
+            self._finish(t)
+        self._active, self._waiting = [], []
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, timeout: float | None) -> None:
+        """Take the inbox's commands: waiting up to `timeout` for the first (None: not waiting)."""
         try:
-            cmd = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            cmd = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -496,6 +573,15 @@ class Engine:
                     turn.cancelled = reason
             elif kind == "close":
                 self._release(arg)
+            elif kind == "spoken":
+                if arg in self._active:
+                    arg.spoken = True
+                    self._maybe_done(arg)
+            elif kind == "speech_failed":
+                turn, message = arg
+                if turn in self._active and not turn.spoken:
+                    self._active.remove(turn)
+                    self._finish(turn, error=Error("internal", f"speech decoder error: {message}"))
             try:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
@@ -647,67 +733,44 @@ class Engine:
 
     def _feed_talker(self, t: _Turn, step: ThinkerStep) -> None:
         if t.talker is None:
-            t.talker, t.t2w = self.speech.start(self._talker_cache, t.conv.slot, t.talker_prompt, t.voice, step,
-                                                t.noise_generator)
+            t.talker, vstate = self.speech.start(self._talker_cache, t.conv.slot, t.talker_prompt, t.voice, step,
+                                                 t.noise_generator)
+            self._voc.start(t, vstate)
         else:
             self.speech.push(t.talker, step)
 
     @torch.inference_mode()
     def _speak(self, turns: list[_Turn]) -> None:
-        """One batched Talker step for every turn that can make its next code; Token2Wav on the codes.
+        """One batched Talker step for every turn that can make its next code; the codes go to the speech stage.
 
         The step leaves its codes on the device and returns those of the step before; a turn that does not
         step now has its codes in flight read instead (drawn an iteration ago, so neither waits for the
         device). A limit (max_codes, the output budget) stops the steps at once and cuts the speech once
         every code drawn is read: the last of them may be the codec's end, and then the speech ended by itself.
+        A turn the speech stage is `behind` on does not step (its back-pressure).
         """
-        sp = self.speech
-        go = [t for t in turns if sp.ready(t.talker) and _room(t) > 0 and _codes(t) < self.max_codes]
+        sp, voc = self.speech, self._voc
+        go = [t for t in turns if sp.ready(t.talker) and _room(t) > 0 and _codes(t) < self.max_codes
+              and not voc.behind(t)]
         rest = [t for t in turns if t not in go and t.talker.unread]
         learned = sp.step([t.talker for t in go], [t.talker_sampling for t in go], [t.talker_generator for t in go],
                           [t.min_codes for t in go]) if go else []
         learned += sp.read([t.talker for t in rest]) if rest else []
         for t, codes in zip(go + rest, learned):
             if codes:
-                sp.add_codes(t.t2w, codes)
+                voc.codes(t, codes)
         for t in turns:
             if not t.talker.finished and not t.talker.unread and (_codes(t) >= self.max_codes or _room(t) <= 0):
-                self._cut_speech(t)
-            if t.talker.finished:
-                t.t2w.finished = True
-        go = self._token2wav_batch([t for t in self._active if t.t2w is not None])
-        for t, chunks in zip(go, sp.vocode([t.t2w for t in go])):
-            for wave in chunks:
-                if t.t_first_audio is None:
-                    t.t_first_audio = time.perf_counter()
-                t.audio_samples += wave.numel()
-                t.emit.put(AudioDelta(to_pcm16(wave), sp.sample_rate, t.audio_index))
-                t.audio_index += 1
-            if t.talker.finished:
+                t.talker.finished = t.speech_cut = True  # a limit stops the speech here; what is made is spoken
+            if t.talker.finished and not t.speech_ended:
+                t.speech_ended = True
+                voc.finish(t)
+        if isinstance(voc, Inline):
+            busy = voc.busy_s
+            for t in voc.run():
+                t.spoken = True
                 self._maybe_done(t)
-
-    def _cut_speech(self, t: _Turn) -> None:
-        """A limit stops the speech here; what is made so far is still spoken. (A spent output budget
-        stops the text as well: `_room` holds back its decode steps and ends it.)"""
-        t.talker.finished = t.t2w.finished = t.speech_cut = True
-
-    def _token2wav_batch(self, turns: list[_Turn]) -> list[_Turn]:
-        """The turns whose Token2Wav runs now: those with a DiT window ready, in one batch.
-
-        A ready window waits a few Talker steps (at most T2W_MAX_WAIT) when another conversation
-        is that close to its own: then both go through the DiT together, which is nearly free
-        next to running them apart. Finished utterances never wait.
-        """
-        need = {id(t): self.speech.codes_until_ready(t.t2w) for t in turns}
-        ready = [t for t in turns if need[id(t)] == 0]
-        soon = [t for t in turns if 0 < need[id(t)] <= T2W_SLACK and not t.talker.finished]
-        if ready and soon and all(t.t2w_waited < T2W_MAX_WAIT and not t.t2w.finished for t in ready):
-            for t in ready:
-                t.t2w_waited += 1
-            return []
-        for t in ready:
-            t.t2w_waited = 0
-        return ready
+            self.stage_busy_s["talker"] -= voc.busy_s - busy  # counted as the vocoder's
 
     def _text_end(self, turn: _Turn, status: str) -> None:
         turn.text_done, turn.status = True, status
@@ -716,7 +779,7 @@ class Engine:
         self._maybe_done(turn)
 
     def _maybe_done(self, turn: _Turn) -> None:
-        if turn.text_done and (turn.talker is None or turn.talker.finished):
+        if turn.text_done and (turn.talker is None or turn.spoken):
             if turn in self._active:
                 self._active.remove(turn)
             self._finish(turn, status="incomplete" if turn.speech_cut else turn.status)
@@ -730,9 +793,11 @@ class Engine:
                 conv.pending = []
                 self._drop_sampled(turn)
             conv.closed_reply = False
+        if turn.talker is not None and not turn.spoken:
+            self._voc.drop(turn)  # its queued codes are not decoded; a chunk decoded meanwhile is not sent
         turn.emit.call(turn.done.set)  # before the final event, so a caller that saw it sees the turn done
         if error is not None:
-            turn.emit.put(error)
+            turn.emit.put(error, final=True)
         else:
             now = time.perf_counter()
             usage = {"prompt_tokens": len(turn.prompt), "cached_tokens": turn.cached,
@@ -753,8 +818,8 @@ class Engine:
                                                     if turn.t_first_audio else None)
             codes = self.speech.codec_ids(turn.talker) if turn.talker is not None else ([] if turn.speech else None)
             if turn.cancelled:
-                turn.emit.put(Done("cancelled", usage, timings, reason=turn.cancelled, codec_ids=codes))
+                turn.emit.put(Done("cancelled", usage, timings, reason=turn.cancelled, codec_ids=codes), final=True)
             else:
-                turn.emit.put(Done(status or "completed", usage, timings, codec_ids=codes))
+                turn.emit.put(Done(status or "completed", usage, timings, codec_ids=codes), final=True)
         if turn.talker is not None:
             turn.talker.reset()  # frees the Talker's KV rows; the Token2Wav state goes with the turn

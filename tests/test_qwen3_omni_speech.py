@@ -127,10 +127,11 @@ def test_planted_wrong_accept_layer_is_caught_at_the_engine(model, built, files,
     assert not torch.equal(codes, want_codes)
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_four_speaking_conversations_equal_each_alone(model, greedy):
+@pytest.mark.parametrize("greedy,speech_worker", [(True, False), (False, False), (True, True)],
+                         ids=["greedy", "sampled", "greedy-speech-worker"])
+def test_four_speaking_conversations_equal_each_alone(model, greedy, speech_worker):
     questions = ["What is happening here?", "Tell me a story about a cat.", "Why is the sky blue?", "Count to ten."]
-    eng = engine_for(model, sessions=8, max_new_tokens=7, max_codes=14)
+    eng = engine_for(model, sessions=8, max_new_tokens=7, max_codes=14, speech_worker=speech_worker)
     kw = {} if greedy else {"sampling": model.default_sampling()}
 
     async def main():
@@ -150,8 +151,9 @@ def test_four_speaking_conversations_equal_each_alone(model, greedy):
     assert len({tuple(c.flatten().tolist()) for _, c, *_ in together}) == len(questions)
 
 
-def test_cancel_mid_speech_frees_the_talker_and_the_next_turn_speaks(model):
-    eng = engine_for(model, sessions=3, max_new_tokens=40, max_codes=40)
+@pytest.mark.parametrize("speech_worker", [False, True], ids=["one-worker", "speech-worker"])
+def test_cancel_mid_speech_frees_the_talker_and_the_next_turn_speaks(model, speech_worker):
+    eng = engine_for(model, sessions=3, max_new_tokens=40, max_codes=40, speech_worker=speech_worker)
 
     async def main():
         conv = eng.open_conversation()
