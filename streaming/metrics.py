@@ -87,3 +87,23 @@ class Metrics:
                                   ("omni_speech_real_time_factor", self.rtf, "response seconds per second of speech")):
                 lines += [f"# HELP {name} {what}", f"# TYPE {name} histogram"] + h.lines(name)
             return "\n".join(lines) + "\n"
+
+
+def engine_metrics(stats: dict) -> str:
+    """The engine's placement and busy time per stage (Engine.stats()), Prometheus text: which stage saturates,
+    on which worker."""
+    lines = ["# HELP omni_engine_workers the engine's worker threads (the speech worker's included)",
+             "# TYPE omni_engine_workers gauge", f"omni_engine_workers {len(stats['workers'])}",
+             "# HELP omni_engine_worker_info a worker: its device, torch threads and stages",
+             "# TYPE omni_engine_worker_info gauge"]
+    lines += [f'omni_engine_worker_info{{worker="{w["worker"]}",device="{w["device"]}",threads="{w["threads"]}",'
+              f'stages="{",".join(w["stages"])}"}} 1' for w in stats["workers"]]
+    lines += ["# HELP omni_engine_stage_busy_seconds_total seconds a stage spent computing, by worker",
+              "# TYPE omni_engine_stage_busy_seconds_total counter"]
+    lines += [f'omni_engine_stage_busy_seconds_total{{stage="{b["stage"]}",worker="{b["worker"]}"}} {b["s"]:.6f}'
+              for b in stats["busy"]]
+    lines += ["# HELP omni_engine_speech_queue_codes codec codes sent to the speech decoder and not taken in yet",
+              "# TYPE omni_engine_speech_queue_codes gauge", f"omni_engine_speech_queue_codes {stats['speech_queue_codes']}",
+              "# HELP omni_engine_speaking replies whose speech is being made",
+              "# TYPE omni_engine_speaking gauge", f"omni_engine_speaking {stats['speaking']}"]
+    return "\n".join(lines) + "\n"

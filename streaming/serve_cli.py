@@ -52,7 +52,18 @@ def add_parser(subparsers, add_model_args) -> None:
     r.add_argument("--autoscale", metavar="MIN:MAX",
                    help="with --ray: let Serve scale between MIN and MAX replicas by ongoing sessions instead of "
                         "a fixed --replicas")
-    r.add_argument("--threads", type=int, default=1,
-                   help="with --ray on the CPU: torch threads (and Ray CPUs) per replica (default 1)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the engine's workers on the CPU (default: the machine's cores); with "
+                        "--ray: per replica, and as many Ray CPUs (default 1)")
+    e = p.add_argument_group("engine placement")
+    e.add_argument("--speech-worker", choices=["auto", "on", "off"], default="auto",
+                   help="run the speech decoder (Token2Wav / Code2Wav) on a worker of its own beside the "
+                        "Thinker/Talker worker (auto, the default: on with --device cuda, off on the CPU, where "
+                        "the two workers contend for Python's GIL; see /metrics for the busy time per stage)")
+    e.add_argument("--speech-threads", type=int, default=None,
+                   help="with the speech worker on the CPU: its share of --threads (default half)")
+    e.add_argument("--speech-device", metavar="DEVICE",
+                   help="with the speech worker: its device, e.g. cuda:1 (default: the model's; on CUDA its own "
+                        "stream)")
     add_model_args(p)
     p.set_defaults(func=_cmd_serve)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streaming.engine import EngineBusy
-from streaming.metrics import Metrics
+from streaming.metrics import Metrics, engine_metrics
 from streaming.protocol import Dialect, SessionConfig
 from streaming.session import Limits, Session
 
@@ -133,8 +133,8 @@ class RealtimeServer:
         return "ok\n"
 
     async def metrics_text(self) -> str:
-        """GET /metrics, Prometheus text."""
-        return self.metrics.render()
+        """GET /metrics, Prometheus text: the server's counters and the engine's stages."""
+        return self.metrics.render() + engine_metrics(self.engine.stats())
 
     @property
     def port(self) -> int:
@@ -353,7 +353,9 @@ def engine_config(args):
     from streaming.engine import EngineConfig
 
     return EngineConfig(max_sessions=args.max_sessions, max_context=args.max_context,
-                        max_new_tokens=args.max_new_tokens, max_audio_s=args.max_audio_seconds, greedy=args.greedy)
+                        max_new_tokens=args.max_new_tokens, max_audio_s=args.max_audio_seconds, greedy=args.greedy,
+                        speech_worker={"auto": None, "on": True, "off": False}[args.speech_worker],
+                        threads=args.threads, speech_threads=args.speech_threads, speech_device=args.speech_device)
 
 
 def server_config(args, can_speak: bool, **overrides) -> ServerConfig:
@@ -375,6 +377,7 @@ def cmd_serve(args) -> int:
     if args.ray:
         from omni.scale.serve import cmd_serve_ray  # Ray is imported only here
 
+        args.threads = args.threads or 1
         return cmd_serve_ray(args)
     model_dir = resolve_model(args.model)
     engine = Engine.load(model_dir, device=args.device, dtype=_dtype(args.dtype), config=engine_config(args))

@@ -188,14 +188,19 @@ def test_bench_runs_both_sides_and_reports_targets(cache, embedded_dir, tmp_path
     """`omni bench` end to end at toy lengths: transformers and the engine on the same input, equal lengths."""
     out = tmp_path / "bench.json"
     r = omni(cache, "bench", "--configs", "default", "--text-tokens", "4", "--speech-seconds", "1",
-             "--concurrency", "1,2", "--repeat", "2", "--json", str(out))
+             "--concurrency", "1,2", "--repeat", "2", "--placements", "one,split", "--json", str(out))
     d = json.loads(out.read_text())
     rows = {row["run"]: row for row in d["rows"]}
-    assert set(rows) == {"transformers", "omni x1", "omni x2"}
-    assert rows["transformers"]["runs"] == rows["omni x1"]["runs"] == 2 and rows["omni x2"]["runs"] == 1
+    assert set(rows) == {"transformers", "omni x1", "omni x2", "omni x1 speech worker", "omni x2 speech worker"}
+    assert rows["transformers"]["runs"] == rows["omni x1"]["runs"] == rows["omni x1 speech worker"]["runs"] == 2
+    assert rows["omni x2"]["runs"] == rows["omni x2 speech worker"]["runs"] == 1
+    assert set(rows["omni x2 speech worker"]["busy_s"]) == {"thinker@engine", "talker@engine", "vocoder@speech"}
+    assert set(rows["omni x2"]["busy_s"]) == {"thinker@engine", "talker@engine", "vocoder@engine"}
     for row in rows.values():  # forced lengths: one second of speech on every side
         assert row["audio_s"] == pytest.approx(1.0, abs=0.02) and row["total_s"] > 0
     assert rows["omni x2"]["speech_s_per_wall_s"] > 0 and rows["omni x1"]["ttfa_s"] <= rows["omni x1"]["total_s"]
     assert {t["what"] for t in d["targets"]} >= {"default: total wall, one conversation <= 0.5 x reference",
-                                                  "default: time to first audio <= 0.15 x reference total"}
+                                                  "default: time to first audio <= 0.15 x reference total",
+                                                  "default: one conversation's time to first audio with the speech "
+                                                  "worker <= one worker's"}
     assert "omni x2" in r.stdout and "targets:" in r.stdout

@@ -370,6 +370,7 @@ def test_auth_subprotocol_and_oversize_message(server):
     assert health == b"ok\n"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10).read().decode()
     assert "omni_sessions " in metrics and 'omni_responses_total{status="' in metrics
+    assert 'omni_engine_stage_busy_seconds_total{stage="thinker",worker="engine"}' in metrics
 
 
 def test_sessions_concurrent_limit_and_freed_slots(server):

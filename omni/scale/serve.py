@@ -47,6 +47,7 @@ from ray import serve
 from ray.serve.api import RunTarget
 
 from omni.scale.cluster import NAMESPACE, connect, free_port, thread_env
+from streaming.metrics import engine_metrics
 from streaming.server import RealtimeServer
 
 log = logging.getLogger("omni.ray")
@@ -177,7 +178,7 @@ class ReplicaServer(RealtimeServer):
 
     def own_metrics(self) -> str:
         s = self.summary()
-        return self.metrics.render() + (
+        return self.metrics.render() + engine_metrics(self.engine.stats()) + (
             "# HELP omni_session_slots engine slots (max_sessions)\n# TYPE omni_session_slots gauge\n"
             f"omni_session_slots {s['max_sessions']}\n"
             "# HELP omni_turns_waiting turns queued in the engine for their prefill\n"
