@@ -233,7 +233,8 @@ class SpeechWorker(_Stage):
             torch.set_num_threads(self.threads)
         stream = None
         if self.device is not None and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)
             stream = torch.cuda.Stream(self.device)
         idle = None
         with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):

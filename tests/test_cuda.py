@@ -232,3 +232,34 @@ def test_cancel_mid_reply(model):
     assert isinstance(final, Done) and final.status == "cancelled"
     assert 3 <= len(got) <= 4  # within one decode step
     assert isinstance(after[-1], Done) and any(isinstance(e, TextDelta) for e in after)  # the conversation goes on
+
+
+def test_speech_worker_on_its_own_stream_equals_one_worker(embedded_dir):
+    """The speech decoder on its own worker (on CUDA: its own stream, the default there) speaks as the engine's
+    worker does alone: the same codes, the same wave."""
+    import numpy as np
+
+    from omni.types import AudioDelta
+    from talker.talker import TALKER_GREEDY
+
+    speaking = OmniModel.load(embedded_dir, device=str(DEVICE), speech=True)
+
+    def run(speech_worker: bool):
+        eng = Engine(speaking, EngineConfig(max_sessions=2, max_context=512, max_new_tokens=12, max_codes=80,
+                                            speech_worker=speech_worker))
+
+        async def main():
+            async def one(c, q):
+                return [e async for e in c.respond([q], modalities=("text", "audio"), sampling=GREEDY,
+                                                   talker_sampling=TALKER_GREEDY, seed=1, min_codes=80)]
+            return await asyncio.gather(*(one(eng.open_conversation(), q) for q in QUESTIONS[:2]))
+
+        try:
+            return asyncio.run(main())
+        finally:
+            eng.shutdown()
+
+    for split, alone in zip(run(True), run(False)):
+        assert split[-1].codec_ids == alone[-1].codec_ids and len(split[-1].codec_ids) == 80
+        wave = [np.frombuffer(b"".join(e.pcm for e in ev if isinstance(e, AudioDelta)), "<i2") for ev in (split, alone)]
+        assert len(wave[0]) == len(wave[1]) and np.abs(wave[0].astype(int) - wave[1].astype(int)).max() <= 4
