@@ -377,7 +377,6 @@ def cmd_serve(args) -> int:
     if args.ray:
         from omni.scale.serve import cmd_serve_ray  # Ray is imported only here
 
-        args.threads = args.threads or 1
         return cmd_serve_ray(args)
     model_dir = resolve_model(args.model)
     engine = Engine.load(model_dir, device=args.device, dtype=_dtype(args.dtype), config=engine_config(args))

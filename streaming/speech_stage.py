@@ -56,28 +56,26 @@ class _Utterance:
 
 
 class _Stage:
-    workers = 0  # threads of its own
-
     def __init__(self, speech, max_ahead: int):
         self.speech, self.max_ahead = speech, max(1, max_ahead)
         self.busy_s = 0.0  # seconds spent decoding
-        self._utts: dict[int, _Utterance] = {}  # by id(turn); owned by the thread that decodes
+        self._utts: dict[object, _Utterance] = {}  # by turn (compared by identity); owned by the thread that decodes
 
     def behind(self, t) -> bool:
         """Whether the reply's Talker must wait for the decoder (max_ahead codes sent and not taken in)."""
         return t.codes_sent - t.codes_taken >= self.max_ahead
 
     def _start(self, t, vstate) -> None:
-        self._utts[id(t)] = _Utterance(t, vstate)
+        self._utts[t] = _Utterance(t, vstate)
 
     def _codes(self, t, codes: list) -> None:
-        u = self._utts.get(id(t))
+        u = self._utts.get(t)
         if u is not None:
             self.speech.add_codes(u.vstate, codes)
             u.received += len(codes)
 
     def _finish(self, t) -> None:
-        u = self._utts.get(id(t))
+        u = self._utts.get(t)
         if u is not None:
             u.finished = u.vstate.finished = True
 
@@ -101,7 +99,7 @@ class _Stage:
                 t.audio_samples += wave.numel()
                 t.audio_index += 1
             if u.finished:
-                del self._utts[id(t)]
+                del self._utts[t]
                 spoken.append(t)
         return spoken
 
@@ -133,14 +131,14 @@ class Inline(_Stage):
         self._finish(t)
 
     def drop(self, t) -> None:
-        self._utts.pop(id(t), None)
+        self._utts.pop(t, None)
 
     def run(self) -> list:
         """Decode what is ready (a ready window may wait for company); the turns whose speech is all out."""
         utts = list(self._utts.values())
-        need = {id(u): self.speech.codes_until_ready(u.vstate) for u in utts}
-        ready = [u for u in utts if need[id(u)] == 0]
-        soon = [u for u in utts if 0 < need[id(u)] <= T2W_SLACK and not u.finished]
+        need = {u: self.speech.codes_until_ready(u.vstate) for u in utts}
+        ready = [u for u in utts if need[u] == 0]
+        soon = [u for u in utts if 0 < need[u] <= T2W_SLACK and not u.finished]
         spoken = []
         if ready and soon and all(u.waited < T2W_MAX_WAIT and not u.finished for u in ready):
             for u in ready:
@@ -159,8 +157,6 @@ class Inline(_Stage):
 class SpeechWorker(_Stage):
     """The decoder on a thread of its own (see the module's docstring). `on_spoken(turn)`: the reply's speech
     is all out; `on_failed(turn, message)`: its decoding failed (both called on this worker's thread)."""
-
-    workers = 1
 
     def __init__(self, speech, max_ahead: int, on_spoken, on_failed, threads: int | None = None,
                  main_device: torch.device | None = None, device: torch.device | None = None):
@@ -214,7 +210,7 @@ class SpeechWorker(_Stage):
         elif kind == "finish":
             self._finish(*args)
         elif kind == "drop":
-            self._utts.pop(id(args[0]), None)
+            self._utts.pop(args[0], None)
 
     def _take(self, timeout: float | None, stream) -> None:
         try:
@@ -252,7 +248,7 @@ class SpeechWorker(_Stage):
                 except Exception as e:  # the replies in this batch fail; the worker and the others go on
                     log.exception("speech decoder failed")
                     for u in ready:  # (one already reported spoken keeps its end: the engine takes the first word)
-                        self._utts.pop(id(u.turn), None)
+                        self._utts.pop(u.turn, None)
                         self.on_failed(u.turn, f"{type(e).__name__}: {e}")
                 # nothing to do: wait for the engine (briefly while a consumer is behind: it reads on its own)
                 idle = None if ready else (0.002 if self._ready() else 0.1)

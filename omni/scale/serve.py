@@ -336,8 +336,8 @@ def deployment_options(args, ui: bool = False) -> dict:
     """Serve options for `omni serve`'s flags: replicas or autoscaling, resources, admission, drain."""
     cuda = str(args.device).startswith("cuda")
     opts = dict(
-        ray_actor_options={"num_cpus": 1 if cuda else args.threads, "num_gpus": 1 if cuda else 0,
-                           "runtime_env": {"env_vars": thread_env(1 if cuda else args.threads)}},
+        ray_actor_options={"num_cpus": 1 if cuda else replica_threads(args), "num_gpus": 1 if cuda else 0,
+                           "runtime_env": {"env_vars": thread_env(1 if cuda else replica_threads(args))}},
         max_ongoing_requests=args.max_sessions + OPS_HEADROOM, max_queued_requests=QUEUED,
         graceful_shutdown_timeout_s=args.idle_timeout + 15.0, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0)
@@ -365,20 +365,25 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def replica_threads(args) -> int:
+    """A replica's torch threads on the CPU: --threads, default 1 under Ray (its Ray CPUs are as many)."""
+    return args.threads or 1
+
+
 def spec_args(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    return {**{k: v for k, v in vars(args).items() if k != "func"}, "threads": replica_threads(args)}
 
 
 def api_app(args):
     """The API application (bound, not running) for `omni serve` flags."""
     api = serve.deployment(name="OmniReplica", **deployment_options(args))(OmniReplica)
-    return api.bind(ReplicaSpec(spec_args(args), args.threads, ui=False, demo=bool(args.ui)))
+    return api.bind(ReplicaSpec(spec_args(args), replica_threads(args), ui=False, demo=bool(args.ui)))
 
 
 def demo_app(args):
     """The web demo's one-replica application (route it at DEMO_PREFIX)."""
     ui = serve.deployment(name="OmniDemo", **deployment_options(args, ui=True))(OmniReplica)
-    return ui.bind(ReplicaSpec(spec_args(args), args.threads, ui=True, demo=True))
+    return ui.bind(ReplicaSpec(spec_args(args), replica_threads(args), ui=True, demo=True))
 
 
 def _config_args(args: dict):
@@ -455,7 +460,7 @@ def cmd_serve_ray(args) -> int:
         parse_autoscale(args.autoscale)
     replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
     cuda = str(args.device).startswith("cuda")
-    cpus = None if cuda else max(os.cpu_count() or 1, (replicas + bool(args.ui)) * args.threads)
+    cpus = None if cuda else max(os.cpu_count() or 1, (replicas + bool(args.ui)) * replica_threads(args))
     started = connect(args.address, args.host, num_cpus=cpus)
     stop = {"sig": None}
 
