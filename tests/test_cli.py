@@ -187,7 +187,7 @@ def test_speech_errors_are_one_line_and_leave_no_file(cache, embedded_dir, tmp_p
 def test_bench_runs_both_sides_and_reports_targets(cache, embedded_dir, tmp_path):
     """`omni bench` end to end at toy lengths: transformers and the engine on the same input, equal lengths."""
     out = tmp_path / "bench.json"
-    r = omni(cache, "bench", "--configs", "default", "--text-tokens", "4", "--speech-seconds", "1",
+    r = omni(cache, "bench", "--configs", "default", "--text-tokens", "4", "--speech-seconds", "0.5",
              "--concurrency", "1,2", "--repeat", "2", "--placements", "one,split", "--json", str(out))
     d = json.loads(out.read_text())
     rows = {row["run"]: row for row in d["rows"]}
@@ -196,8 +196,8 @@ def test_bench_runs_both_sides_and_reports_targets(cache, embedded_dir, tmp_path
     assert rows["omni x2"]["runs"] == rows["omni x2 speech worker"]["runs"] == 1
     assert set(rows["omni x2 speech worker"]["busy_s"]) == {"thinker@engine", "talker@engine", "vocoder@speech"}
     assert set(rows["omni x2"]["busy_s"]) == {"thinker@engine", "talker@engine", "vocoder@engine"}
-    for row in rows.values():  # forced lengths: one second of speech on every side
-        assert row["audio_s"] == pytest.approx(1.0, abs=0.02) and row["total_s"] > 0
+    for row in rows.values():  # forced lengths: half a second of speech on every side
+        assert row["audio_s"] == pytest.approx(0.5, abs=0.02) and row["total_s"] > 0
     assert rows["omni x2"]["speech_s_per_wall_s"] > 0 and rows["omni x1"]["ttfa_s"] <= rows["omni x1"]["total_s"]
     assert {t["what"] for t in d["targets"]} >= {"default: total wall, one conversation <= 0.5 x reference",
                                                   "default: time to first audio <= 0.15 x reference total",

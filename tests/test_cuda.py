@@ -234,6 +234,7 @@ def test_cancel_mid_reply(model):
     assert isinstance(after[-1], Done) and any(isinstance(e, TextDelta) for e in after)  # the conversation goes on
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="on the CPU: tests/test_engine_speech.py runs both placements")
 def test_speech_worker_on_its_own_stream_equals_one_worker(embedded_dir):
     """The speech decoder on its own worker (on CUDA: its own stream, the default there) speaks as the engine's
     worker does alone: the same codes, the same wave."""

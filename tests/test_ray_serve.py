@@ -186,7 +186,11 @@ def test_key_and_capacity_refusals_are_the_single_server_ones(served):
             with pytest.raises(RateLimitError):  # HTTP: 429, as from one server
                 await asyncio.to_thread(client(SimpleNamespace(port=served.port)).chat.completions.create,
                                         model="omni", messages=[{"role": "user", "content": "Hi"}])
-            text = await asyncio.to_thread(get, served.url + "/healthz")  # ops requests still get through
+            for _ in range(30):  # ops requests still get through (each replica reports every REPORT_S: poll)
+                text = await asyncio.to_thread(get, served.url + "/healthz")
+                if text.count(f"sessions {SLOTS}/{SLOTS}") == 2:
+                    break
+                await asyncio.sleep(0.3)
             assert text.startswith("ok\n") and text.count(f"sessions {SLOTS}/{SLOTS}") == 2, text
             assert "omni_sessions_refused_total" in await asyncio.to_thread(get, served.url + "/metrics")
         finally:
